@@ -1,0 +1,35 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh Debian machine with Python 3.11.
+VENV ?= .venv
+AUDIT_HOME ?= $(CURDIR)/home
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-packages demo test bench ui mlflow-ui
+
+# Debian packages: the Fashion-MNIST demo data (needs root: run as root or with sudo available)
+system-packages:
+	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends dataset-fashion-mnist; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: system-packages $(STAMP)
+
+demo: install
+	$(BIN)/vendor-audit demo --home $(AUDIT_HOME)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+ui: install
+	$(BIN)/vendor-audit ui --home $(AUDIT_HOME)
+
+mlflow-ui: install
+	$(BIN)/vendor-audit mlflow-ui --home $(AUDIT_HOME)

@@ -1,0 +1,32 @@
+"""The curated dataset as one DVC-versioned snapshot."""
+
+import dagster as dg
+
+from assets.ingestion import vendor_delivery
+from ml.delivery import load_curated
+from pipelines.resources import AuditHome, DvcRepo
+
+
+@dg.asset(
+    deps=[vendor_delivery],
+    group_name="dataset",
+    kinds={"dvc"},
+    pool="dvc",  # DVC runs one operation at a time per repository
+    description="All curated deliveries, tracked by DVC in the home and pushed to its remote; "
+                "the version is the DVC hash of curated/.",
+)
+def curated_dataset(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo) -> dg.MaterializeResult:
+    rows, images = load_curated(audit_home.curated)
+    version = dvc.snapshot("curated")
+    context.log.info(f"dataset version {version}: {len(rows)} images from {rows['vendor'].nunique()} vendors")
+    per_vendor = rows.groupby("vendor").size()
+    return dg.MaterializeResult(
+        metadata={
+            "dataset_version": version,
+            "n_images": len(rows),
+            "n_deliveries": int(rows[["vendor", "batch"]].drop_duplicates().shape[0]),
+            "images_per_vendor": dg.MetadataValue.json({k: int(v) for k, v in per_vendor.items()}),
+            "image_shape": str(tuple(images.shape[1:])),
+        },
+        data_version=dg.DataVersion(version),
+    )

@@ -1,0 +1,1 @@
+"""vendor-audit's plain library: data, models and estimates. It never imports dagster."""

@@ -1,0 +1,85 @@
+"""Per-image label issues: probability of error, suggested label and a verdict.
+
+Verdicts
+--------
+``error``      the given label is probably wrong and the evidence points to another class.
+``ambiguous``  the evidence supports two or more classes, the given one among them: not billed.
+``outlier``    the image is unlike every other image (embedding far from its neighbours).
+``ok``         otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ml.estimate import NoiseModel
+
+VERDICTS = ("ok", "error", "ambiguous", "outlier")
+
+
+@dataclass(frozen=True)
+class VerdictRules:
+    error_threshold: float = 0.5      # p_error at or above this flags the image
+    plausible_share: float = 0.2      # a class is plausible with this much clean probability
+    doubt_threshold: float = 0.25     # an image with two plausible classes is ambiguous from this p_error
+    outlier_mads: float = 6.0         # neighbour similarity this many MADs under the median
+    neighbours: int = 10
+
+
+def plausible_sets(clean_prior: np.ndarray, share: float) -> np.ndarray:
+    """(N, K) bool: classes holding at least ``share`` of each image's clean probability."""
+    return clean_prior >= share
+
+
+def outlier_scores(embeddings: np.ndarray, neighbours: int = 10, chunk: int = 2048) -> np.ndarray:
+    """(N,) mean cosine similarity of each L2-normalised embedding (N, D) to its nearest neighbours."""
+    n = len(embeddings)
+    k = min(neighbours, n - 1)
+    if k < 1:
+        return np.ones(n)
+    e = embeddings.astype(np.float32)
+    scores = np.empty(n)
+    for start in range(0, n, chunk):
+        sim = e[start:start + chunk] @ e.T
+        sim[np.arange(len(sim)), np.arange(start, start + len(sim))] = -np.inf
+        top = np.partition(sim, -k, axis=1)[:, -k:]
+        scores[start:start + chunk] = top.mean(axis=1)
+    return scores
+
+
+def label_verdicts(model: NoiseModel, given: np.ndarray, embeddings: np.ndarray,
+                   rules: VerdictRules = VerdictRules()) -> dict[str, np.ndarray]:
+    """Per image (N,): ``p_error``, ``suggested`` (class index), ``verdict`` (str), ``ambiguous`` (bool)."""
+    rows = np.arange(len(given))
+    p_error = model.p_error(given)
+    plausible = plausible_sets(model.clean_prior, rules.plausible_share)
+    given_plausible = plausible[rows, given]
+    ambiguous = given_plausible & (plausible.sum(axis=1) >= 2) & (p_error >= rules.doubt_threshold)
+    flagged = (p_error >= rules.error_threshold) & ~given_plausible
+    similarity = outlier_scores(embeddings, rules.neighbours)
+    median = np.median(similarity)
+    mad = np.median(np.abs(similarity - median)) + 1e-12
+    outlier = similarity < median - rules.outlier_mads * 1.4826 * mad
+    verdict = np.full(len(given), "ok", dtype=object)
+    verdict[ambiguous] = "ambiguous"
+    verdict[flagged] = "error"
+    verdict[outlier & ~flagged] = "outlier"
+    return {"p_error": p_error, "suggested": model.posterior.argmax(axis=1), "verdict": verdict.astype(str),
+            "ambiguous": verdict == "ambiguous"}
+
+
+def cleanlab_baseline(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's defaults on the same probabilities: per-vendor ``num_label_issues`` rate (V,), and
+    ``find_label_issues`` flags (N,) bool over all images."""
+    from cleanlab.count import num_label_issues
+    from cleanlab.filter import find_label_issues
+
+    n_vendors = int(vendor.max()) + 1
+    rates = np.zeros(n_vendors)
+    for v in range(n_vendors):
+        members = vendor == v
+        rates[v] = num_label_issues(given[members], probs[members]) / members.sum()
+    flags = find_label_issues(given, probs)
+    return rates, flags

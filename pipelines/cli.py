@@ -1,0 +1,177 @@
+"""``vendor-audit``: simulate deliveries, run the audit, open the UIs, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+DEFAULT_VENDORS = "a=0.0,b=0.05,c=0.2"
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+python_logs:
+  managed_python_loggers: [ml]
+  python_log_level: INFO
+"""
+
+log = logging.getLogger("vendor_audit")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("VENDOR_AUDIT_HOME") or Path.cwd() / "home")
+
+
+def open_instance(home: Path):
+    """The home's Dagster instance (SQLite storage under ``home/dagster``), the one ``dagster dev`` shows."""
+    import dagster as dg
+
+    dagster_home = home / "dagster"
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.is_file():
+        config.write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(dagster_home)
+    return dg.DagsterInstance.from_config(str(dagster_home))
+
+
+def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
+    """Ingest every new complete delivery, then re-audit when the data changed; returns the scorecard."""
+    from ml.config import load_settings
+    from pipelines.automation import new_deliveries
+    from pipelines.definitions import build_definitions
+    from pipelines.resources import AuditHome
+
+    load_settings(home)  # a missing or invalid settings file stops here, before anything runs
+    instance = open_instance(home)
+    defs = build_definitions(str(home))
+    keys = new_deliveries(instance, AuditHome(home=str(home)))
+    if keys:
+        instance.add_dynamic_partitions("deliveries", keys)
+    ingest = defs.resolve_job_def("ingest_deliveries")
+    for number, key in enumerate(keys, start=1):
+        log.info("ingesting delivery %s (%d of %d)", key, number, len(keys))
+        ingest.execute_in_process(instance=instance, partition_key=key)
+    scorecard_path = home / "reports" / "scorecard.csv"
+    if keys or retrain or not scorecard_path.is_file():
+        log.info("auditing: dataset snapshot, training, label issues, scorecard")
+        defs.resolve_job_def("audit_vendors").execute_in_process(instance=instance)
+    else:
+        log.info("nothing new under %s: the scorecard is current", home / "landing")
+    return pd.read_csv(scorecard_path)
+
+
+def with_truth(scorecard: pd.DataFrame, home: Path) -> pd.DataFrame:
+    """Add the simulation's true error rate per vendor when ``home/truth.csv`` exists."""
+    truth_path = home / "truth.csv"
+    if not truth_path.is_file():
+        return scorecard
+    truth = pd.read_csv(truth_path, dtype=str, keep_default_na=False)
+    issues = pd.read_csv(home / "reports" / "label_issues.csv", dtype=str, keep_default_na=False)
+    merged = issues.merge(truth[["image_id", "true_label"]], on="image_id", how="inner")
+    true_rate = (merged["given_label"] != merged["true_label"]).groupby(merged["vendor"]).mean().round(4)
+    return scorecard.assign(true_error_rate=scorecard["vendor"].map(true_rate))
+
+
+def _simulate(args) -> None:
+    from ml.datasets import load_dataset
+    from ml.simulate import parse_vendor_rates, simulate_deliveries
+
+    data = load_dataset(args.dataset)
+    truth = simulate_deliveries(data, parse_vendor_rates(args.vendors), args.per_vendor, args.home,
+                                seed=args.seed, batch=args.batch)
+    log.info("wrote %d images for %d vendors under %s", len(truth), truth["vendor"].nunique(), args.home / "landing")
+
+
+def _run(args) -> None:
+    scorecard = run_audit(args.home, retrain=args.retrain)
+    print(with_truth(scorecard, args.home).to_string(index=False))
+    print(f"\nreports: {args.home / 'reports'}")
+
+
+def _ui(args) -> None:
+    import subprocess
+
+    open_instance(args.home)
+    env = dict(os.environ, VENDOR_AUDIT_HOME=str(args.home), DAGSTER_HOME=str(args.home / "dagster"))
+    command = [sys.executable, "-m", "dagster", "dev", "-m", "pipelines.definitions", "-h", args.host, "-p", str(args.port)]
+    log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
+    sys.exit(subprocess.call(command, env=env))
+
+
+def _mlflow_ui(args) -> None:
+    import subprocess
+
+    store = args.home / "mlflow"
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", args.host, "--port", str(args.port),
+               "--workers", "1"]
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
+    sys.exit(subprocess.call(command, env=env))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--home", type=lambda s: Path(s).expanduser().resolve(), default=default_home(),
+                       help="data home: landing/, curated data, DVC, MLflow, Dagster, reports/ (default: $VENDOR_AUDIT_HOME or ./home)")
+        return p
+
+    for name, help_text in (("simulate", "write simulated vendor deliveries with known wrong labels"),
+                            ("demo", "simulate the reference case and run the audit")):
+        p = add(name, help_text)
+        p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+        p.add_argument("--vendors", default=DEFAULT_VENDORS, help="name=error_rate,... (default %(default)s)")
+        p.add_argument("--per-vendor", type=int, default=2000)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch", default="batch-001")
+    p = add("run", "ingest new deliveries and audit the vendors")
+    p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
+    for name, help_text, port in (("ui", "start the Dagster UI (dagster dev) on this home", 3000),
+                                  ("mlflow-ui", "start the MLflow UI on this home's tracking store", 5000)):
+        p = add(name, help_text)
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # ml's own log lines reach the console through Dagster's managed loggers during runs
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = build_parser().parse_args(argv)
+    from ml.config import ConfigError
+    from ml.delivery import DeliveryError
+
+    try:
+        if args.command == "simulate":
+            _simulate(args)
+        elif args.command == "demo":
+            args.retrain = False
+            _simulate(args)
+            _run(args)
+        elif args.command == "run":
+            _run(args)
+        elif args.command == "ui":
+            _ui(args)
+        elif args.command == "mlflow-ui":
+            _mlflow_ui(args)
+    except (ConfigError, DeliveryError, ValueError, FileNotFoundError) as exc:
+        print(f"vendor-audit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Resources: where a home's files live, the MLflow tracking store, and the DVC repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from ml.config import Settings, load_settings
+
+
+class AuditHome(dg.ConfigurableResource):
+    """One vendor-audit home: everything (landing, curated data, DVC, MLflow, Dagster, reports) lives under it."""
+
+    home: str
+
+    @property
+    def root(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    def settings(self) -> Settings:
+        return load_settings(self.root)
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def curated(self) -> Path:
+        return self.root / "curated"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow tracking store: SQLite + a local artifact folder under the home unless ``tracking_uri`` is set."""
+
+    audit_home: AuditHome
+    tracking_uri: str = ""
+    experiment: str = "vendor-audit"
+    registered_model: str = "vendor-audit-classifier"
+
+    def uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        folder = self.audit_home.root / "mlflow"
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{folder / 'mlflow.db'}"
+
+    def start(self):
+        """Point the mlflow client at this store and make sure the experiment exists; returns mlflow."""
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri())
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            artifacts = None if self.tracking_uri else (self.audit_home.root / "mlflow" / "artifacts").as_uri()
+            mlflow.create_experiment(self.experiment, artifact_location=artifacts)
+        mlflow.set_experiment(self.experiment)
+        return mlflow
+
+
+class DvcError(RuntimeError):
+    """A DVC command failed; the message carries its output."""
+
+
+class DvcRepo(dg.ConfigurableResource):
+    """The home as a DVC repository (no git needed) with a default remote, a local folder unless set."""
+
+    audit_home: AuditHome
+    remote_url: str = ""
+
+    def _dvc(self, *args: str) -> str:
+        env = dict(os.environ, DVC_NO_ANALYTICS="1")
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.audit_home.root, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise DvcError(f"dvc {' '.join(args)} failed in {self.audit_home.root}: "
+                           f"{(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def ensure_repo(self) -> None:
+        root = self.audit_home.root
+        if not (root / ".dvc").is_dir():
+            self._dvc("init", "--no-scm", "-q")
+            self._dvc("config", "core.autostage", "false")
+        remote = self.remote_url or str(root / "dvc-remote")
+        self._dvc("remote", "add", "--default", "--force", "storage", remote)
+
+    def snapshot(self, folder: str) -> str:
+        """``dvc add`` the folder (relative to the home), push it, and return its version (the DVC md5)."""
+        self.ensure_repo()
+        self._dvc("add", "-q", folder)
+        self._dvc("push", "-q")
+        return self.version_of(folder)
+
+    def version_of(self, folder: str) -> str:
+        meta = yaml.safe_load((self.audit_home.root / f"{folder}.dvc").read_text())
+        return str(meta["outs"][0]["md5"])
+
+    def status(self) -> dict:
+        return json.loads(self._dvc("status", "--json") or "{}")
