@@ -1,0 +1,64 @@
+"""Assets, sensor and Definitions on a real (ephemeral) Dagster instance and a real DVC repository."""
+
+import dagster as dg
+import pandas as pd
+
+from assets.dataset import curated_dataset
+from assets.ingestion import vendor_delivery
+from pipelines.automation import delivery_sensor
+from pipelines.definitions import build_definitions
+from pipelines.resources import AuditHome, DvcRepo
+
+
+def test_ingestion_asset_writes_curated_rows_and_passes_its_checks(small_home):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001", "b.batch-001"])
+    # one bad row in b's delivery: it must be quarantined, not lost
+    labels = small_home / "landing" / "b" / "batch-001" / "labels.csv"
+    labels.write_text(labels.read_text() + "images/none.png,7\n")
+    home = AuditHome(home=str(small_home))
+    for key in ("a.batch-001", "b.batch-001"):
+        result = dg.materialize([vendor_delivery], partition_key=key, instance=instance, resources={"audit_home": home})
+        assert result.success
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert checks["rows_reconcile"].passed
+    metadata = result.asset_materializations_for_node("vendor_delivery")[0].metadata
+    assert metadata["n_delivered"].value == 61 and metadata["n_quarantined"].value == 1
+    assert checks["quarantine_share"].passed  # 1 of 61 is under the default 5% limit
+    assert checks["quarantine_share"].metadata["share"].value == 1 / 61
+    quarantine = pd.read_csv(small_home / "quarantine" / "b" / "batch-001.csv")
+    assert quarantine["reason"].tolist() == ["image file not found"]
+    assert len(pd.read_csv(small_home / "curated" / "a" / "batch-001" / "rows.csv")) == 60
+
+    dataset = dg.materialize([vendor_delivery.to_source_assets()[0], curated_dataset], instance=instance,
+                             resources={"audit_home": home, "dvc": DvcRepo(audit_home=home)})
+    version = dataset.asset_materializations_for_node("curated_dataset")[0].metadata["dataset_version"].value
+    assert version.endswith(".dir") and (small_home / "curated.dvc").read_text().count(version.removesuffix(".dir")) == 1
+    assert any((small_home / "dvc-remote").rglob("*")), "the snapshot was pushed to the default remote"
+
+
+def test_sensor_adds_partitions_for_complete_deliveries_once(small_home):
+    instance = dg.DagsterInstance.ephemeral()
+    (small_home / "landing" / "c" / "batch-001").mkdir(parents=True)  # no _READY yet: waits
+    resources = {"audit_home": AuditHome(home=str(small_home))}
+    result = delivery_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert sorted(r.partition_key for r in result.run_requests) == ["a.batch-001", "b.batch-001"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["a.batch-001", "b.batch-001"]
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001", "b.batch-001"])
+    again = delivery_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert not again.run_requests and "no new complete delivery" in again.skip_reason.skip_message
+
+
+def test_definitions_load_with_the_whole_lineage(tmp_path, monkeypatch):
+    monkeypatch.delenv("VENDOR_AUDIT_HOME", raising=False)
+    import pipelines.definitions as module  # importing reads no environment
+
+    dg.Definitions.validate_loadable(module.defs)
+    defs = build_definitions(str(tmp_path))
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"vendor_delivery", "curated_dataset", "cv_models", "label_issues", "vendor_scorecard"}
+    assert graph.get(dg.AssetKey("vendor_scorecard")).parent_keys == {dg.AssetKey("label_issues")}
+    assert graph.get(dg.AssetKey("curated_dataset")).parent_keys == {dg.AssetKey("vendor_delivery")}
+    assert defs.resolve_schedule_def("nightly_audit").cron_schedule == "0 2 * * *"
+    assert defs.resolve_sensor_def("delivery_sensor").job_name == "ingest_deliveries"

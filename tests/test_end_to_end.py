@@ -1,0 +1,71 @@
+"""The whole audit through the command line on real parts: DVC, MLflow, Dagster, real images."""
+
+import json
+import subprocess
+import sys
+
+import dagster as dg
+import mlflow
+import pandas as pd
+
+from ml.audit import ISSUE_COLUMNS
+from ml.scorecard import SCORECARD_COLUMNS
+from pipelines.cli import main, open_instance
+
+
+def test_scorecard_ranks_vendors_by_their_true_error_rates(audited_home):
+    card = pd.read_csv(audited_home / "reports" / "scorecard.csv")
+    assert list(card.columns) == SCORECARD_COLUMNS
+    assert card["vendor"].tolist() == ["a", "b", "c"] and card["rank"].tolist() == [1, 2, 3]
+    assert (card["error_rate_low"] <= card["error_rate"]).all() and (card["error_rate"] <= card["error_rate_high"]).all()
+    assert card.loc[0, "error_rate"] < 0.05 and 0.2 < card.loc[2, "error_rate"] < 0.4
+    issues = pd.read_csv(audited_home / "reports" / "label_issues.csv")
+    assert list(issues.columns) == ISSUE_COLUMNS and len(issues) == 900
+    truth = pd.read_csv(audited_home / "truth.csv")
+    merged = issues.merge(truth[["image_id", "true_label"]], on="image_id")
+    wrong = merged["given_label"].astype(str) != merged["true_label"].astype(str)
+    flagged = merged["verdict"] == "error"
+    assert (flagged & wrong).sum() / flagged.sum() > 0.7  # precision of the error verdict
+    report = (audited_home / "reports" / "report.md").read_text()
+    assert "## Pairwise comparison" in report and "plots/confusion-c.png" in report
+    assert (audited_home / "reports" / "plots" / "confusion-c.png").stat().st_size > 1000
+
+
+def test_dataset_version_and_mlflow_run_point_at_each_other(audited_home):
+    provenance = json.loads((audited_home / "reports" / "provenance.json").read_text())
+    dvc_file = (audited_home / "curated.dvc").read_text()
+    version = provenance["dataset_version"]
+    assert version.removesuffix(".dir") in dvc_file
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=audited_home, capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{audited_home / 'mlflow' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["vendor-audit"], filter_string=f"tags.dataset_version = '{version}'")
+    assert sorted(runs["tags.head"]) == ["l2softmax", "softmax"]
+    assert provenance["mlflow_run"] in set(runs["run_id"])
+    assert runs["metrics.heldout_accuracy"].min() > 0.6
+    assert "metrics.train_loss_fold0" in runs.columns
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions("name = 'vendor-audit-classifier'")
+    assert {v.tags["dataset_version"] for v in versions} == {version}
+    artifacts = [a.path for a in client.list_artifacts(provenance["mlflow_run"], "audit-report")]
+    assert "audit-report/scorecard.csv" in artifacts
+
+
+def test_dagster_instance_records_the_lineage_and_a_second_run_changes_nothing(audited_home, capsys):
+    instance = open_instance(audited_home)
+    event = instance.get_latest_materialization_event(dg.AssetKey("vendor_scorecard"))
+    assert event is not None
+    version = json.loads((audited_home / "reports" / "provenance.json").read_text())["dataset_version"]
+    assert event.asset_materialization.metadata["dataset_version"].value == version
+    assert sorted(instance.get_dynamic_partitions("deliveries")) == ["a.batch-001", "b.batch-001", "c.batch-001"]
+    runs_before = len(instance.get_run_records())
+    scorecard_before = (audited_home / "reports" / "scorecard.csv").read_bytes()
+    assert main(["run", "--home", str(audited_home)]) == 0
+    assert len(open_instance(audited_home).get_run_records()) == runs_before
+    assert (audited_home / "reports" / "scorecard.csv").read_bytes() == scorecard_before
+    assert "true_error_rate" in capsys.readouterr().out
+
+
+def test_run_without_settings_is_a_clear_error(tmp_path, capsys):
+    assert main(["run", "--home", str(tmp_path)]) == 2
+    assert "vendor-audit.yaml: settings file not found" in capsys.readouterr().err

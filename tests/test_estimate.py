@@ -1,0 +1,84 @@
+"""The noise model on probabilities whose truth is known: calibrated synthetic classifiers."""
+
+import numpy as np
+import pandas as pd
+
+from ml.audit import ISSUE_COLUMNS, run_audit
+from ml.estimate import fit_noise_model, fit_temperature, apply_temperature, vendor_error_rates
+from ml.issues import cleanlab_baseline
+from ml.scorecard import SCORECARD_COLUMNS, build_scorecard, compare_vendors
+
+
+def synthetic(rates, n_per_vendor=1500, k=10, seed=0):
+    """A calibrated classifier (about 85% accurate) and vendors with uniform label noise.
+
+    The classifier sees the vendors' noisy labels, so its outputs mix in their mean noise.
+    """
+    rng = np.random.default_rng(seed)
+    vendor = np.repeat(np.arange(len(rates)), n_per_vendor)
+    n = len(vendor)
+    favoured = rng.integers(0, k, n)
+    logits = rng.normal(0, 1.0, (n, k))
+    logits[np.arange(n), favoured] += rng.normal(4.5, 1.5, n)
+    clean = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # calibrated by construction: the true class is drawn from the classifier's own probabilities
+    true = (rng.random((n, 1)) > clean.cumsum(axis=1)).sum(axis=1).clip(max=k - 1)
+    given = true.copy()
+    for v, rate in enumerate(rates):
+        members = np.flatnonzero(vendor == v)
+        wrong = rng.choice(members, int(round(rate * len(members))), replace=False)
+        given[wrong] = (true[wrong] + rng.integers(1, k, len(wrong))) % k
+    mean_noise = np.mean(rates)
+    noisy = clean * (1 - mean_noise) + (1 - clean) * mean_noise / (k - 1)
+    return noisy, given, true, vendor
+
+
+def test_temperature_undoes_a_known_sharpening():
+    probs, given, *_ = synthetic([0.0])
+    assert abs(fit_temperature(probs, given) - 1.0) < 0.1  # calibrated already
+    assert abs(fit_temperature(apply_temperature(probs, 0.5), given) - 2.0) < 0.2
+
+
+def test_noise_model_recovers_vendor_rates_where_cleanlab_overstates():
+    rates = [0.0, 0.05, 0.2]
+    probs, given, true, vendor = synthetic(rates)
+    model = fit_noise_model(probs, given, vendor)
+    p_error = model.p_error(given)
+    estimate = np.array([p_error[vendor == v].mean() for v in range(3)])
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
+    assert np.all(np.abs(estimate - truth) < 0.02), estimate
+    baseline, _ = cleanlab_baseline(probs, given, vendor)
+    assert np.abs(estimate - truth).mean() < np.abs(baseline - truth).mean()
+    # the posterior ranks real errors first
+    wrong = given != true
+    assert p_error[wrong].mean() > 0.6 > 0.1 > p_error[~wrong].mean()
+
+
+def test_intervals_cover_and_pairwise_tests_separate_distinct_vendors():
+    rates = [0.0, 0.1, 0.11]
+    probs, given, true, vendor = synthetic(rates, seed=2)
+    result = vendor_error_rates(probs, given, vendor, n_boot=60)
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
+    assert np.all(result.low <= result.rate) and np.all(result.rate <= result.high)
+    assert np.sum((result.low <= truth + 0.01) & (truth - 0.01 <= result.high)) >= 2
+    comparisons = compare_vendors(["a", "b", "c"], result)
+    by_pair = {(r.vendor_a, r.vendor_b): r for r in comparisons.itertuples()}
+    assert by_pair[("a", "b")].conclusion == "a has fewer errors than b" and by_pair[("a", "b")].p_value < 0.05
+    assert by_pair[("b", "c")].conclusion == "not distinguishable with this data"
+
+
+def test_scorecard_and_issue_tables_follow_the_contract():
+    probs, given, true, vendor = synthetic([0.0, 0.2], n_per_vendor=400)
+    classes = tuple(f"c{i}" for i in range(10))
+    rows = pd.DataFrame({"image_id": [f"v{v}/b/{i}.png" for i, v in enumerate(vendor)],
+                         "vendor": [f"v{v}" for v in vendor], "batch": "b",
+                         "label": [classes[g] for g in given]})
+    embeddings = np.random.default_rng(0).normal(size=(len(given), 16))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    result, issues = run_audit(rows, probs, embeddings, classes, n_boot=20)
+    assert list(issues.columns) == ISSUE_COLUMNS
+    assert set(issues["verdict"]) <= {"ok", "error", "ambiguous", "outlier"}
+    card = build_scorecard(result.vendors, np.repeat([0, 1], 400), issues["verdict"].to_numpy(), result.rates)
+    assert list(card.columns) == SCORECARD_COLUMNS
+    assert card["vendor"].tolist() == ["v0", "v1"] and card["rank"].tolist() == [1, 2]
+    assert card.loc[1, "n_flagged"] > card.loc[0, "n_flagged"]
