@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,9 @@ from ml.datasets import ImageSet
 from ml.delivery import LABELS_FILE, NAME_RE, READY_MARKER, atomic_write_csv
 
 TRUTH_FILE = "truth.csv"
+# Systematic confusions of scenario B (Fashion-MNIST class indices), in both directions:
+# shirt <-> T-shirt/top, sneaker <-> sandal, pullover <-> coat.
+FASHION_PAIRS = ((6, 0), (7, 5), (2, 4))
 
 
 def parse_vendor_rates(spec: str) -> dict[str, float]:
@@ -32,45 +35,106 @@ def parse_vendor_rates(spec: str) -> dict[str, float]:
     return rates
 
 
-def simulate_deliveries(
-    data: ImageSet,
-    vendor_rates: dict[str, float],
-    per_vendor: int,
-    home: Path,
-    seed: int = 0,
-    batch: str = "batch-001",
-) -> pd.DataFrame:
-    """Write one delivery per vendor under ``home/landing`` and the truth to ``home/truth.csv``.
+@dataclass
+class SimulatedLabels:
+    """N labelled images: ``images`` uint8 (N, H, W); ``vendor`` (N,) index into ``vendors``;
+    ``given`` (N,) the vendor's label; ``true`` (N, 2) the true class and, for composed ambiguous
+    images, the second true class (-1 otherwise); ``source`` (N,) dataset index of the (first) image."""
 
-    Each vendor labels ``per_vendor`` different images; exactly ``round(rate * per_vendor)`` of its
-    labels are replaced by a uniformly drawn wrong class. Returns the truth rows written here.
+    vendors: list[str]
+    images: np.ndarray
+    vendor: np.ndarray
+    given: np.ndarray
+    true: np.ndarray
+    source: np.ndarray
+
+    @property
+    def ambiguous(self) -> np.ndarray:
+        return self.true[:, 1] >= 0
+
+    @property
+    def wrong(self) -> np.ndarray:
+        """(N,) bool: the given label is outside the true label set."""
+        return (self.given != self.true[:, 0]) & (self.given != self.true[:, 1])
+
+
+def simulate_labels(data: ImageSet, vendor_rates: dict[str, float], per_vendor: int, seed: int = 0,
+                    noise: str = "uniform", ambiguous: float = 0.0) -> SimulatedLabels:
+    """Draw ``per_vendor`` different images per vendor and label them with known mistakes.
+
+    noise: ``uniform`` (a wrong label is any other class) or ``pairs`` (``FASHION_PAIRS`` swapped,
+    the vendor confuses specific classes). ``ambiguous``: the share of each vendor's images replaced
+    by two images of different classes overlaid; the vendor labels one of the two (not an error).
+    Exactly ``round(rate * per_vendor)`` labels per vendor are wrong, drawn among the other images.
     """
     rng = np.random.default_rng(seed)
-    n_needed = per_vendor * len(vendor_rates)
+    k = len(data.classes)
+    n_needed = per_vendor * len(vendor_rates) * (2 if ambiguous else 1)
     if n_needed > len(data.labels):
-        raise ValueError(f"{data.name} has {len(data.labels)} images, {n_needed} requested")
+        raise ValueError(f"{data.name} has {len(data.labels)} images, {n_needed} needed")
+    order = rng.permutation(len(data.labels))
+    chosen, partners = order[:per_vendor * len(vendor_rates)], order[per_vendor * len(vendor_rates):]
+    images = data.images[chosen].copy()
+    true = np.stack([data.labels[chosen], np.full(len(chosen), -1)], axis=1)
+    vendor = np.repeat(np.arange(len(vendor_rates)), per_vendor)
+    given = true[:, 0].copy()
+    partner_pool = list(partners)
+    for v, rate in enumerate(vendor_rates.values()):
+        members = np.flatnonzero(vendor == v)
+        n_ambiguous = int(round(ambiguous * per_vendor))
+        composed = rng.choice(members, n_ambiguous, replace=False) if n_ambiguous else np.array([], int)
+        for i in composed:
+            while True:  # a partner image of another class
+                j = partner_pool.pop()
+                if data.labels[j] != true[i, 0]:
+                    break
+            images[i] = np.maximum(images[i], data.images[j])  # overlaid: both objects visible
+            true[i, 1] = data.labels[j]
+            given[i] = true[i, rng.integers(0, 2)]
+        plain = np.setdiff1d(members, composed)
+        n_wrong = int(round(rate * per_vendor))
+        if noise == "pairs":
+            partner_of = {a: b for x, y in FASHION_PAIRS for a, b in ((x, y), (y, x))}
+            eligible = plain[np.isin(true[plain, 0], list(partner_of))]
+            if n_wrong > len(eligible):
+                raise ValueError(f"rate {rate} needs {n_wrong} confusable images, only {len(eligible)} drawn")
+            wrong = rng.choice(eligible, n_wrong, replace=False)
+            given[wrong] = [partner_of[c] for c in true[wrong, 0]]
+        elif noise == "uniform":
+            wrong = rng.choice(plain, n_wrong, replace=False)
+            given[wrong] = (true[wrong, 0] + rng.integers(1, k, n_wrong)) % k
+        else:
+            raise ValueError(f"unknown noise {noise!r}: uniform or pairs")
+    return SimulatedLabels(list(vendor_rates), images, vendor, given, true, chosen)
+
+
+def simulate_deliveries(data: ImageSet, vendor_rates: dict[str, float], per_vendor: int, home: Path,
+                        seed: int = 0, batch: str = "batch-001", noise: str = "uniform",
+                        ambiguous: float = 0.0) -> pd.DataFrame:
+    """Write one delivery per vendor under ``home/landing`` (PNG images, labels.csv, then _READY) and
+    the truth to ``home/truth.csv`` (``image_id, true_label, true_labels, given_label, vendor``;
+    ``true_labels`` is ``|``-separated for ambiguous images). Returns the truth rows written here."""
     home = Path(home)
     _ensure_settings(home, data.classes)
-    chosen = rng.permutation(len(data.labels))[:n_needed].reshape(len(vendor_rates), per_vendor)
-    n_classes = len(data.classes)
+    sim = simulate_labels(data, vendor_rates, per_vendor, seed, noise, ambiguous)
+    classes = np.array(data.classes)
+    names = np.array([f"images/{i:06d}.png" for i in range(len(sim.given))])
     truth_rows = []
-    for (vendor, rate), indices in zip(vendor_rates.items(), chosen):
-        true = data.labels[indices]
-        given = true.copy()
-        wrong = rng.choice(per_vendor, size=int(round(rate * per_vendor)), replace=False)
-        given[wrong] = (true[wrong] + rng.integers(1, n_classes, size=len(wrong))) % n_classes
+    for v, vendor in enumerate(sim.vendors):
+        members = np.flatnonzero(sim.vendor == v)
         folder = home / "landing" / vendor / batch
         (folder / "images").mkdir(parents=True, exist_ok=True)
-        names = [f"images/{index:06d}.png" for index in indices]
-        for name, index in zip(names, indices):
-            Image.fromarray(data.images[index]).save(folder / name)
+        for i in members:
+            Image.fromarray(sim.images[i]).save(folder / names[i])
         atomic_write_csv(folder / LABELS_FILE, pd.DataFrame(
-            {"image": names, "label": [data.classes[g] for g in given], "annotator": f"{vendor}-team"}))
+            {"image": names[members], "label": classes[sim.given[members]], "annotator": f"{vendor}-team"}))
         (folder / READY_MARKER).write_text("")
+        true_sets = ["|".join(classes[[t for t in row if t >= 0]]) for row in sim.true[members]]
         truth_rows.append(pd.DataFrame({
-            "image_id": [f"{vendor}/{batch}/{n}" for n in names],
-            "true_label": [data.classes[t] for t in true],
-            "given_label": [data.classes[g] for g in given],
+            "image_id": [f"{vendor}/{batch}/{n}" for n in names[members]],
+            "true_label": classes[sim.true[members, 0]],
+            "true_labels": true_sets,
+            "given_label": classes[sim.given[members]],
             "vendor": vendor,
         }))
     truth = pd.concat(truth_rows, ignore_index=True)
@@ -90,7 +154,3 @@ def _ensure_settings(home: Path, classes: tuple[str, ...]) -> None:
     if settings.classes != classes:
         raise ValueError(f"{home / CONFIG_NAME}: its classes {list(settings.classes)} differ from the "
                          f"simulated dataset's {list(classes)}; use another --home")
-
-
-def with_overrides(settings: Settings, **overrides) -> Settings:
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
