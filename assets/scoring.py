@@ -61,6 +61,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
     deps=[label_issues],
     group_name="scoring",
     kinds={"pandas", "mlflow"},
+    pool="dvc",
     description="One row per vendor: error rate with a 95% interval, flagged and ambiguous counts, rank; "
                 "pairwise comparisons and a Markdown report with confusion plots under reports/.",
 )
@@ -92,6 +93,7 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     report = render_report(scorecard, comparisons, provenance, plots, top)
     write_text_atomic(reports / "report.md", report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
+    dvc.commit_stage("audit")
     mlflow = mlflow_tracking.start()
     with mlflow.start_run(run_id=selected["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")

@@ -79,6 +79,23 @@ class DvcError(RuntimeError):
     """A DVC command failed; the message carries its output."""
 
 
+# The reproducible stage: the same command line the scheduler runs. Its lock is committed after each
+# audit, so `dvc status` is clean and `dvc repro` re-runs only when deliveries or settings changed.
+DVC_PIPELINE = """\
+stages:
+  audit:
+    cmd: vendor-audit run --home .
+    deps:
+      - landing
+      - vendor-audit.yaml
+    outs:
+      - reports/scorecard.csv:
+          cache: false
+      - reports/label_issues.csv:
+          cache: false
+"""
+
+
 class DvcRepo(dg.ConfigurableResource):
     """The home as a DVC repository (no git needed) with a default remote, a local folder unless set."""
 
@@ -90,8 +107,8 @@ class DvcRepo(dg.ConfigurableResource):
         done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.audit_home.root, env=env,
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise DvcError(f"dvc {' '.join(args)} failed in {self.audit_home.root}: "
-                           f"{(done.stderr or done.stdout).strip()}")
+            raise DvcError(f"dvc {' '.join(args)} failed in {self.audit_home.root} (exit {done.returncode}): "
+                           f"{(done.stderr or done.stdout).strip() or 'no output'}")
         return done.stdout
 
     def ensure_repo(self) -> None:
@@ -101,6 +118,17 @@ class DvcRepo(dg.ConfigurableResource):
             self._dvc("config", "core.autostage", "false")
         remote = self.remote_url or str(root / "dvc-remote")
         self._dvc("remote", "add", "--default", "--force", "storage", remote)
+        if not (root / "dvc.yaml").is_file():
+            (root / "dvc.yaml").write_text(DVC_PIPELINE)
+
+    def commit_stage(self, stage: str) -> None:
+        """Record a stage's current dependencies and outputs in dvc.lock without re-running it.
+
+        Skipped inside ``dvc repro`` (which sets DVC_STAGE): repro records the lock itself.
+        """
+        if os.environ.get("DVC_STAGE"):
+            return
+        self._dvc("commit", "-f", stage)
 
     def snapshot(self, folder: str) -> str:
         """``dvc add`` the folder (relative to the home), push it, and return its version (the DVC md5)."""
