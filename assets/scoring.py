@@ -1,4 +1,4 @@
-"""Label issues per image and the vendor scorecard with its report."""
+"""New deliveries scored by the champion, label issues per image, and the vendor scorecard."""
 
 import json
 
@@ -6,14 +6,19 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from assets.ingestion import vendor_delivery
+from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
-from ml.delivery import atomic_write_bytes, atomic_write_csv, load_curated_rows
-from ml.report import confusion_plot, markdown_table, render_report, write_text_atomic
-from ml.scorecard import build_scorecard, compare_vendors
+from ml.delivery import atomic_write_bytes, atomic_write_csv, load_curated_delivery, load_curated_rows, parse_key
 from ml.estimate import VendorRates
+from ml.report import confusion_plot, render_report, write_text_atomic
+from ml.scorecard import build_scorecard, compare_vendors
+from ml.train import score_images
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
-from pipelines.store import load_outputs, load_selection
+from pipelines.store import (
+    ModelOutputs, batch_scores_path, champion_outputs, load_ensemble, load_outputs, save_batch_scores,
+)
 
 
 def _table(frame: pd.DataFrame) -> dg.MetadataValue:
@@ -24,32 +29,72 @@ def _table(frame: pd.DataFrame) -> dg.MetadataValue:
     return dg.MetadataValue.table(records, schema=schema)
 
 
+def _require_champion(mlflow_tracking: MlflowTracking) -> dict:
+    champion = mlflow_tracking.champion()
+    if champion is None:
+        raise dg.Failure("no registered champion model yet: train first (vendor-audit run --retrain, or the "
+                         "audit_vendors job)")
+    return champion
+
+
 @dg.asset(
-    deps=[cv_models],
+    partitions_def=deliveries,
+    deps=[vendor_delivery],
+    group_name="scoring",
+    kinds={"pytorch"},
+    description="One delivery scored by the registered champion model (out-of-sample: it never saw the "
+                "delivery). Nothing to do before the first training or when the champion was trained on it.",
+)
+def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
+                 mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    vendor, batch = parse_key(context.partition_key)
+    champion = mlflow_tracking.champion()
+    if champion is None:
+        return dg.MaterializeResult(metadata={"scored_by": "none yet: the first training covers this delivery"})
+    rows, images = load_curated_delivery(audit_home.curated, vendor, batch)
+    trained_on = set(load_outputs(audit_home.models, champion["dataset_version"], champion["head"]).image_ids)
+    if rows["image_id"].isin(trained_on).all():
+        return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']} out-of-fold"})
+    ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"],
+                             audit_home.settings().classes)
+    probs, embeddings = score_images(ensemble, images)
+    path = batch_scores_path(audit_home.root, champion["model_version"], vendor, batch)
+    save_batch_scores(path, ModelOutputs(rows["image_id"].to_numpy(), probs, embeddings, np.full(len(rows), -1)))
+    context.log.info(f"{context.partition_key}: {len(rows)} images scored by model v{champion['model_version']}")
+    return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']}", "n_images": len(rows),
+                                          "trained_on": champion["dataset_version"]})
+
+
+@dg.asset(
+    deps=[cv_models, batch_scores],
     group_name="scoring",
     kinds={"pandas", "csv"},
     description="Per image: probability the given label is wrong, suggested label and a verdict "
-                "(ok, error, ambiguous, outlier) from per-vendor noise models fitted to the out-of-fold "
-                "probabilities; reports/label_issues.csv.",
+                "(ok, error, ambiguous, outlier) from per-vendor noise models fitted to the champion's "
+                "out-of-sample probabilities; reports/label_issues.csv.",
 )
-def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo) -> dg.MaterializeResult:
+def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
+                 mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     settings = audit_home.settings()
-    dataset_version = dvc.version_of("curated")
-    selection = load_selection(audit_home.models, dataset_version)
-    outputs = load_outputs(audit_home.models, dataset_version, selection["selected"]["head"])
+    champion = _require_champion(mlflow_tracking)
     rows = load_curated_rows(audit_home.curated)
-    if not np.array_equal(outputs.image_ids, rows["image_id"].to_numpy().astype(str)):
-        raise dg.Failure(f"model outputs for dataset {dataset_version} do not match the curated rows; retrain")
+    outputs, source, unscored = champion_outputs(audit_home.root, champion, rows)
+    if unscored:
+        raise dg.Failure(f"deliveries not scored by the champion v{champion['model_version']} yet: "
+                         f"{', '.join(unscored)} (materialize batch_scores for them)")
     result, issues = run_audit(rows, outputs.probs, outputs.embeddings, settings.classes,
                                n_boot=settings.bootstrap, seed=settings.seed)
+    issues = issues.assign(model_version=champion["model_version"], model_trained_on=champion["dataset_version"],
+                           prediction=source)
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
-    atomic_write_bytes(audit_home.models / dataset_version / "audit.npz", result.to_npz())
+    atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
     counts = issues["verdict"].value_counts().to_dict()
     context.log.info(f"label issues: {counts}")
     worst = issues.sort_values("p_error", ascending=False).head(20)
     return dg.MaterializeResult(metadata={
-        "dataset_version": dataset_version,
-        "model_version": selection["selected"]["model_version"],
+        "dataset_version": dvc.version_of("curated"),
+        "model_version": champion["model_version"],
+        "model_trained_on": champion["dataset_version"],
         "verdicts": dg.MetadataValue.json({k: int(v) for k, v in counts.items()}),
         "noise_model_temperature": float(result.model.temperature),
         "most_likely_errors": _table(worst),
@@ -68,15 +113,16 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
 def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
                      mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     settings = audit_home.settings()
-    dataset_version = dvc.version_of("curated")
-    selection = load_selection(audit_home.models, dataset_version)
-    with np.load(audit_home.models / dataset_version / "audit.npz", allow_pickle=False) as saved:
+    champion = _require_champion(mlflow_tracking)
+    with np.load(audit_home.reports / "audit.npz", allow_pickle=False) as saved:
         vendors = [str(v) for v in saved["vendors"]]
         rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"])
         confusion = saved["confusion"]
-    issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype={"image_id": str}, keep_default_na=False)
+    issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)
     vendor_index = issues["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
-    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates)
+    dataset_version = dvc.version_of("curated")
+    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates).assign(
+        dataset_version=dataset_version, model_version=champion["model_version"])
     comparisons = compare_vendors(vendors, rates)
     reports = audit_home.reports
     atomic_write_csv(reports / "scorecard.csv", scorecard)
@@ -86,16 +132,18 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         atomic_write_bytes(reports / "plots" / f"confusion-{name}.png",
                            confusion_plot(confusion[v], settings.classes, f"{name}: estimated confusion"))
         plots[name] = f"plots/confusion-{name}.png"
-    selected = selection["selected"]
-    provenance = {"dataset_version": dataset_version, "model": f"{mlflow_tracking.registered_model} v{selected['model_version']}",
-                  "head": selected["head"], "mlflow_run": selected["run_id"]}
+    provenance = {"dataset_version": dataset_version,
+                  "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
+                  "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
+                  "head": champion["head"], "mlflow_run": champion["run_id"]}
     top = issues[issues["verdict"] == "error"].sort_values("p_error", ascending=False).head(15)
-    report = render_report(scorecard, comparisons, provenance, plots, top)
+    report = render_report(scorecard, comparisons, provenance, plots, top[["image_id", "given_label",
+                                                                          "suggested_label", "p_error"]])
     write_text_atomic(reports / "report.md", report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
     dvc.commit_stage("audit")
     mlflow = mlflow_tracking.start()
-    with mlflow.start_run(run_id=selected["run_id"]):
+    with mlflow.start_run(run_id=champion["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")
     context.log.info("scorecard:\n" + scorecard.to_string(index=False))
     return dg.MaterializeResult(metadata={

@@ -240,6 +240,14 @@ def load_curated_rows(curated: Path) -> pd.DataFrame:
     return pd.concat([_read_rows(p) for p in _curated_row_files(curated)], ignore_index=True)
 
 
+def load_curated_delivery(curated: Path, vendor: str, batch: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """One curated delivery: its rows and uint8 images (N, S, S, C)."""
+    folder = curated / vendor / batch
+    if not (folder / "rows.csv").is_file():
+        raise DeliveryError(f"{folder}: delivery {vendor}.{batch} is not curated (ingest it first)")
+    return _read_rows(folder / "rows.csv"), np.load(folder / "images.npy", allow_pickle=False)
+
+
 def load_curated(curated: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """All curated deliveries in key order: the rows (CURATED_COLUMNS) and uint8 images (N, S, S, C)."""
     files = _curated_row_files(curated)

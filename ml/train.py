@@ -98,6 +98,24 @@ class FoldEnsemble(nn.Module):
         x = to_float(images)
         return torch.stack([m(x).softmax(dim=1) for m in self.members]).mean(dim=0)
 
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the members' embeddings, L2-normalised: (B, 128) for uint8 (B, H, W, C)."""
+        x = to_float(images)
+        return F.normalize(torch.stack([m.embed(x) for m in self.members]).mean(dim=0), dim=1)
+
+
+@torch.no_grad()
+def score_images(ensemble: FoldEnsemble, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (N, K) and embeddings (N, 128) of a fold ensemble for uint8 ``images`` (N, H, W, C)."""
+    ensemble.eval()
+    probs, embeds = [], []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+        probs.append(ensemble(x))
+        embeds.append(ensemble.embed(x))
+    return torch.cat(probs).numpy().astype(np.float64), torch.cat(embeds).numpy()
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1]."""

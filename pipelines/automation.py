@@ -1,19 +1,26 @@
-"""Jobs, the delivery sensor and the nightly schedule."""
+"""Jobs, the delivery sensor, the scorecard refresh after each ingestion, and the nightly schedule."""
 
 import dagster as dg
 
 from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
+from assets.scoring import batch_scores
+from assets.training import cv_models
 from ml.delivery import find_ready_deliveries
-from pipelines.resources import AuditHome
+from pipelines.resources import AuditHome, MlflowTracking
 
 ingest_job = dg.define_asset_job(
-    "ingest_deliveries", selection=dg.AssetSelection.assets(vendor_delivery), partitions_def=deliveries,
-    description="Validate one delivery into the curated dataset and quarantine.",
+    "ingest_deliveries", selection=dg.AssetSelection.assets(vendor_delivery, batch_scores), partitions_def=deliveries,
+    description="Validate one delivery into the curated dataset and score it with the champion model.",
+)
+_downstream = dg.AssetSelection.all() - dg.AssetSelection.assets(vendor_delivery, batch_scores)
+score_job = dg.define_asset_job(
+    "score_vendors", selection=_downstream - dg.AssetSelection.assets(cv_models),
+    description="Snapshot the dataset and refresh label issues and the scorecard with the champion model.",
 )
 audit_job = dg.define_asset_job(
-    "audit_vendors", selection=dg.AssetSelection.all() - dg.AssetSelection.assets(vendor_delivery),
-    description="Snapshot the dataset with DVC, retrain, detect label issues and score the vendors.",
+    "audit_vendors", selection=_downstream,
+    description="Snapshot the dataset, retrain if its version changed, detect label issues, score the vendors.",
 )
 
 
@@ -36,8 +43,17 @@ def delivery_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome) 
     )
 
 
+@dg.run_status_sensor(run_status=dg.DagsterRunStatus.SUCCESS, monitored_jobs=[ingest_job],
+                      request_jobs=[score_job, audit_job], default_status=dg.DefaultSensorStatus.STOPPED,
+                      description="After a delivery is ingested: refresh the scorecard with the champion, "
+                                  "or train the first model when there is none.")
+def scorecard_refresh_sensor(context: dg.RunStatusSensorContext, mlflow_tracking: MlflowTracking):
+    job = score_job if mlflow_tracking.champion() is not None else audit_job
+    return dg.RunRequest(run_key=f"after-{context.dagster_run.run_id}", job_name=job.name)
+
+
 nightly_schedule = dg.ScheduleDefinition(
     name="nightly_audit", job=audit_job, cron_schedule="0 2 * * *", execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Re-snapshot, retrain and re-score every night at 02:00 UTC.",
+    description="Every night at 02:00 UTC: retrain when the dataset version changed, then re-score.",
 )

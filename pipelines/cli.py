@@ -40,16 +40,18 @@ def open_instance(home: Path):
 
 
 def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
-    """Ingest every new complete delivery, then re-audit when the data changed; returns the scorecard."""
+    """Ingest and score every new complete delivery, then refresh the scorecard; train when there is
+    no model yet or ``retrain`` is asked. Returns the scorecard."""
     from ml.config import load_settings
     from pipelines.automation import new_deliveries
     from pipelines.definitions import build_definitions
-    from pipelines.resources import AuditHome
+    from pipelines.resources import AuditHome, MlflowTracking
 
     load_settings(home)  # a missing or invalid settings file stops here, before anything runs
     instance = open_instance(home)
     defs = build_definitions(str(home))
-    keys = new_deliveries(instance, AuditHome(home=str(home)))
+    audit_home = AuditHome(home=str(home))
+    keys = new_deliveries(instance, audit_home)
     if keys:
         instance.add_dynamic_partitions("deliveries", keys)
     ingest = defs.resolve_job_def("ingest_deliveries")
@@ -57,9 +59,14 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
         log.info("ingesting delivery %s (%d of %d)", key, number, len(keys))
         ingest.execute_in_process(instance=instance, partition_key=key)
     scorecard_path = home / "reports" / "scorecard.csv"
-    if keys or retrain or not scorecard_path.is_file():
+    has_model = MlflowTracking(audit_home=audit_home).champion() is not None
+    if retrain or not has_model:
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
-        defs.resolve_job_def("audit_vendors").execute_in_process(instance=instance)
+        config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
+        defs.resolve_job_def("audit_vendors").execute_in_process(instance=instance, run_config=config)
+    elif keys or not scorecard_path.is_file():
+        log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
+        defs.resolve_job_def("score_vendors").execute_in_process(instance=instance)
     else:
         log.info("nothing new under %s: the scorecard is current", home / "landing")
     return pd.read_csv(scorecard_path)

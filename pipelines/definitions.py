@@ -10,18 +10,20 @@ import dagster as dg
 
 from assets.dataset import curated_dataset
 from assets.ingestion import vendor_delivery
-from assets.scoring import label_issues, vendor_scorecard
+from assets.scoring import batch_scores, label_issues, vendor_scorecard
 from assets.training import cv_models
-from pipelines.automation import audit_job, delivery_sensor, ingest_job, nightly_schedule
+from pipelines.automation import (
+    audit_job, delivery_sensor, ingest_job, nightly_schedule, score_job, scorecard_refresh_sensor,
+)
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
 
 def build_definitions(home: str | None = None) -> dg.Definitions:
     audit_home = AuditHome(home=home if home is not None else dg.EnvVar("VENDOR_AUDIT_HOME"))
     return dg.Definitions(
-        assets=[vendor_delivery, curated_dataset, cv_models, label_issues, vendor_scorecard],
-        jobs=[ingest_job, audit_job],
-        sensors=[delivery_sensor],
+        assets=[vendor_delivery, curated_dataset, cv_models, batch_scores, label_issues, vendor_scorecard],
+        jobs=[ingest_job, score_job, audit_job],
+        sensors=[delivery_sensor, scorecard_refresh_sensor],
         schedules=[nightly_schedule],
         resources={
             "audit_home": audit_home,

@@ -47,6 +47,9 @@ class AuditHome(dg.ConfigurableResource):
         return self.root / "reports"
 
 
+CHAMPION = "champion"
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking store: SQLite + a local artifact folder under the home unless ``tracking_uri`` is set."""
 
@@ -73,6 +76,25 @@ class MlflowTracking(dg.ConfigurableResource):
             mlflow.create_experiment(self.experiment, artifact_location=artifacts)
         mlflow.set_experiment(self.experiment)
         return mlflow
+
+
+    def champion(self) -> dict | None:
+        """The registered version with the alias ``champion``: model_version, dataset_version, head,
+        run_id; None when no model has been registered yet."""
+        mlflow = self.start()
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = mlflow.MlflowClient().get_model_version_by_alias(self.registered_model, CHAMPION)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        return {"model_version": str(version.version), "dataset_version": version.tags["dataset_version"],
+                "head": version.tags["head"], "run_id": version.run_id}
+
+    def promote(self, model_version: str) -> None:
+        self.start().MlflowClient().set_registered_model_alias(self.registered_model, CHAMPION, model_version)
 
 
 class DvcError(RuntimeError):

@@ -10,17 +10,20 @@ import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS
 from ml.scorecard import SCORECARD_COLUMNS
+from ml.datasets import load_digits_upscaled
+from ml.simulate import simulate_deliveries
 from pipelines.cli import main, open_instance
 
 
 def test_scorecard_ranks_vendors_by_their_true_error_rates(audited_home):
     card = pd.read_csv(audited_home / "reports" / "scorecard.csv")
-    assert list(card.columns) == SCORECARD_COLUMNS
+    assert list(card.columns[:len(SCORECARD_COLUMNS)]) == SCORECARD_COLUMNS
     assert card["vendor"].tolist() == ["a", "b", "c"] and card["rank"].tolist() == [1, 2, 3]
     assert (card["error_rate_low"] <= card["error_rate"]).all() and (card["error_rate"] <= card["error_rate_high"]).all()
     assert card.loc[0, "error_rate"] < 0.05 and 0.2 < card.loc[2, "error_rate"] < 0.4
     issues = pd.read_csv(audited_home / "reports" / "label_issues.csv")
-    assert list(issues.columns) == ISSUE_COLUMNS and len(issues) == 900
+    assert list(issues.columns[:len(ISSUE_COLUMNS)]) == ISSUE_COLUMNS and len(issues) == 900
+    assert set(issues["prediction"]) == {"out-of-fold"}
     truth = pd.read_csv(audited_home / "truth.csv")
     merged = issues.merge(truth[["image_id", "true_label"]], on="image_id")
     wrong = merged["given_label"].astype(str) != merged["true_label"].astype(str)
@@ -51,21 +54,55 @@ def test_dataset_version_and_mlflow_run_point_at_each_other(audited_home):
     assert "audit-report/scorecard.csv" in artifacts
 
 
-def test_dagster_instance_records_the_lineage_and_a_second_run_changes_nothing(audited_home, capsys):
-    instance = open_instance(audited_home)
-    event = instance.get_latest_materialization_event(dg.AssetKey("vendor_scorecard"))
-    assert event is not None
-    version = json.loads((audited_home / "reports" / "provenance.json").read_text())["dataset_version"]
-    assert event.asset_materialization.metadata["dataset_version"].value == version
-    assert sorted(instance.get_dynamic_partitions("deliveries")) == ["a.batch-001", "b.batch-001", "c.batch-001"]
-    runs_before = len(instance.get_run_records())
-    scorecard_before = (audited_home / "reports" / "scorecard.csv").read_bytes()
-    assert main(["run", "--home", str(audited_home)]) == 0
-    assert len(open_instance(audited_home).get_run_records()) == runs_before
-    assert (audited_home / "reports" / "scorecard.csv").read_bytes() == scorecard_before
-    assert "true_error_rate" in capsys.readouterr().out
-
-
 def test_run_without_settings_is_a_clear_error(tmp_path, capsys):
     assert main(["run", "--home", str(tmp_path)]) == 2
     assert "vendor-audit.yaml: settings file not found" in capsys.readouterr().err
+
+
+def _materialized(instance, after_run_ids: set) -> dict[str, set]:
+    """Asset name -> partitions (None for unpartitioned) materialized by runs not in ``after_run_ids``."""
+    done: dict[str, set] = {}
+    for record in instance.get_run_records():
+        if record.dagster_run.run_id in after_run_ids:
+            continue
+        for event in instance.all_logs(record.dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION):
+            materialization = event.dagster_event.step_materialization_data.materialization
+            done.setdefault(materialization.asset_key.to_user_string(), set()).add(materialization.partition)
+    return done
+
+
+def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home, capsys):
+    """Runs last in this module: it adds a delivery to the shared home."""
+    instance = open_instance(audited_home)
+    event = instance.get_latest_materialization_event(dg.AssetKey("vendor_scorecard"))
+    version = json.loads((audited_home / "reports" / "provenance.json").read_text())["dataset_version"]
+    assert event.asset_materialization.metadata["dataset_version"].value == version
+    assert sorted(instance.get_dynamic_partitions("deliveries")) == ["a.batch-001", "b.batch-001", "c.batch-001"]
+    champion = json.loads((audited_home / "reports" / "provenance.json").read_text())["model_version"]
+
+    # nothing new: nothing runs, nothing changes
+    before = {r.dagster_run.run_id for r in instance.get_run_records()}
+    scorecard_before = (audited_home / "reports" / "scorecard.csv").read_bytes()
+    assert main(["run", "--home", str(audited_home)]) == 0
+    assert {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()} == before
+    assert (audited_home / "reports" / "scorecard.csv").read_bytes() == scorecard_before
+    assert "true_error_rate" in capsys.readouterr().out
+
+    # a new delivery: only its partition is ingested and scored, by the champion, with no retraining
+    simulate_deliveries(load_digits_upscaled(), {"d": 0.2}, 150, audited_home, seed=9, batch="batch-002")
+    assert main(["run", "--home", str(audited_home)]) == 0
+    instance = open_instance(audited_home)
+    done = _materialized(instance, before)
+    assert done.pop("vendor_delivery") == {"d.batch-002"} and done.pop("batch_scores") == {"d.batch-002"}
+    assert set(done) == {"curated_dataset", "label_issues", "vendor_scorecard"}  # no cv_models
+    issues = pd.read_csv(audited_home / "reports" / "label_issues.csv", dtype=str)
+    new = issues[issues["vendor"] == "d"]
+    assert len(new) == 150 and set(new["prediction"]) == {"new delivery"}
+    assert set(issues["model_version"]) == {champion}
+    card = pd.read_csv(audited_home / "reports" / "scorecard.csv")
+    assert "d" in set(card["vendor"]) and card["dataset_version"].nunique() == 1
+    assert card.loc[0, "dataset_version"] != version  # the new delivery made a new dataset version
+
+    after = {r.dagster_run.run_id for r in instance.get_run_records()}
+    assert main(["run", "--home", str(audited_home)]) == 0
+    assert {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()} == after
