@@ -1,0 +1,65 @@
+"""The real MLflow and Dagster servers, on 127.0.0.1, show what the audit recorded."""
+
+import sys
+from pathlib import Path
+
+from servers import free_port, http_json, running
+
+
+def test_mlflow_server_lists_runs_metrics_and_registered_versions(audited_home, tmp_path):
+    port = free_port()
+    store = audited_home / "mlflow"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    base = f"http://127.0.0.1:{port}"
+    with running(command, f"{base}/health", env, tmp_path / "mlflow.log", timeout=120) as server:
+        experiment = http_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vendor-audit")
+        experiment_id = experiment["experiment"]["experiment_id"]
+        runs = http_json(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id]})["runs"]
+        heads = {}
+        for run in runs:
+            tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+            metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+            assert "heldout_accuracy" in metrics and "train_loss_fold0" in metrics
+            assert tags["dataset_version"].endswith(".dir")
+            heads[tags["head"]] = metrics["heldout_accuracy"]
+        assert set(heads) == {"softmax", "l2softmax"}  # one experiment, the same metric names
+        model = http_json(f"{base}/api/2.0/mlflow/registered-models/get?name=vendor-audit-classifier")
+        assert model["registered_model"]["name"] == "vendor-audit-classifier"
+        champion = http_json(f"{base}/api/2.0/mlflow/registered-models/alias?name=vendor-audit-classifier&alias=champion")
+        tags = {t["key"]: t["value"] for t in champion["model_version"]["tags"]}
+        assert tags["head"] in heads and tags["dataset_version"].endswith(".dir")
+        pid = server.pid
+    assert server.poll() is not None, f"mlflow server {pid} still running"
+
+
+WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
+GRAPHQL = """
+{
+  assetNodes { assetKey { path } dependencyKeys { path } partitionKeys }
+  workspaceOrError { ... on Workspace { locationEntries { locationOrLoadError {
+    ... on RepositoryLocation { repositories { sensors { name } schedules { name cronSchedule } } } } } } }
+}
+"""
+
+
+def test_dagster_webserver_shows_lineage_partitions_sensor_and_schedule(audited_home, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(port)]
+    env = {"VENDOR_AUDIT_HOME": str(audited_home), "DAGSTER_HOME": str(audited_home / "dagster")}
+    base = f"http://127.0.0.1:{port}"
+    with running(command, f"{base}/server_info", env, tmp_path / "dagster.log", timeout=180) as server:
+        data = http_json(f"{base}/graphql", {"query": GRAPHQL}, timeout=60)["data"]
+        nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+        parents = {name: {"/".join(d["path"]) for d in n["dependencyKeys"]} for name, n in nodes.items()}
+        assert parents["curated_dataset"] == {"vendor_delivery"}
+        assert parents["cv_models"] == {"curated_dataset"}
+        assert parents["label_issues"] == {"cv_models", "batch_scores"}
+        assert parents["vendor_scorecard"] == {"label_issues"}
+        assert {"a.batch-001", "b.batch-001", "c.batch-001"} <= set(nodes["vendor_delivery"]["partitionKeys"])
+        repository = data["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]["repositories"][0]
+        assert {s["name"] for s in repository["sensors"]} == {"delivery_sensor", "scorecard_refresh_sensor"}
+        assert repository["schedules"] == [{"name": "nightly_audit", "cronSchedule": "0 2 * * *"}]
+    assert server.poll() is not None
