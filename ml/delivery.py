@@ -53,6 +53,7 @@ class IngestResult:
     images: np.ndarray
     quarantine: pd.DataFrame
     n_delivered: int  # data rows read from labels.csv (blank lines excluded)
+    fingerprint: str = ""  # delivery_fingerprint() of the folder as it was read
 
     @property
     def reconciles(self) -> bool:
@@ -134,6 +135,7 @@ def ingest_delivery(
     Labels are matched to ``classes`` ignoring surrounding spaces and letter case (normalised to the
     taxonomy's spelling). Rejected rows are kept in ``quarantine`` with the reason.
     """
+    fingerprint = delivery_fingerprint(delivery.folder)
     labels = read_labels_csv(delivery.folder / LABELS_FILE)
     canonical = {c.casefold(): c for c in classes}
     accepted, images, quarantined = [], [], []
@@ -171,7 +173,8 @@ def ingest_delivery(
         images.append(pixels)
     stack = np.stack(images) if images else np.zeros((0, image_size, image_size, channels), np.uint8)
     return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), stack,
-                        pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS), n_delivered=len(labels))
+                        pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS), n_delivered=len(labels),
+                        fingerprint=fingerprint)
 
 
 def infer_format(delivery: Delivery) -> tuple[int, int]:
@@ -187,6 +190,33 @@ def infer_format(delivery: Delivery) -> tuple[int, int]:
             continue
         return min(max(height, width), 128), channels
     raise DeliveryError(f"{delivery.folder}: no decodable image to infer the image size from")
+
+
+def delivery_fingerprint(folder: Path) -> str:
+    """A cheap fingerprint of a delivery's files: labels.csv's content plus every file's name, size
+    and modification time. It changes when anything in the delivery is replaced after ingestion."""
+    digest = hashlib.sha256()
+    labels = folder / LABELS_FILE
+    digest.update(labels.read_bytes() if labels.is_file() else b"")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != READY_MARKER):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def ingested_keys(curated: Path, deliveries: list[Delivery]) -> set[str]:
+    """Keys among ``deliveries`` whose ingestion completed (their rows file, written last, exists)."""
+    return {d.key for d in deliveries if (curated / d.vendor / d.batch / "rows.csv").is_file()}
+
+
+def changed_deliveries(landing: Path, curated: Path) -> list[str]:
+    """Keys of ingested deliveries whose files changed in the landing folder since ingestion."""
+    changed = []
+    for delivery in find_ready_deliveries(landing):
+        record = curated / delivery.vendor / delivery.batch / "delivery.json"
+        if record.is_file() and json.loads(record.read_text())["fingerprint"] != delivery_fingerprint(delivery.folder):
+            changed.append(delivery.key)
+    return changed
 
 
 def _sha256(path: Path) -> str:
@@ -212,14 +242,17 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
 def write_curated(curated: Path, quarantine: Path, delivery: Delivery, result: IngestResult) -> None:
     """Store a delivery's curated rows and images and its quarantine, each file atomically.
 
-    The images file is written before the rows file, so a rows file always has its images.
+    The rows file is written last, so a rows file always has its images, quarantine and record.
     """
     folder = curated / delivery.vendor / delivery.batch
     buffer = io.BytesIO()
     np.save(buffer, result.images, allow_pickle=False)
     atomic_write_bytes(folder / "images.npy", buffer.getvalue())
-    atomic_write_csv(folder / "rows.csv", result.accepted)
     atomic_write_csv(quarantine / delivery.vendor / f"{delivery.batch}.csv", result.quarantine)
+    record = {"fingerprint": result.fingerprint, "n_delivered": result.n_delivered,
+              "n_accepted": len(result.accepted), "n_quarantined": len(result.quarantine)}
+    atomic_write_bytes(folder / "delivery.json", json.dumps(record, indent=2).encode())
+    atomic_write_csv(folder / "rows.csv", result.accepted)  # last: a rows file always has its images
 
 
 def _curated_row_files(curated: Path) -> list[Path]:

@@ -6,7 +6,7 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.scoring import batch_scores
 from assets.training import cv_models
-from ml.delivery import find_ready_deliveries
+from ml.delivery import changed_deliveries, find_ready_deliveries
 from pipelines.resources import AuditHome, MlflowTracking
 
 ingest_job = dg.define_asset_job(
@@ -33,6 +33,8 @@ def new_deliveries(instance: dg.DagsterInstance, audit_home: AuditHome) -> list[
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
            description="Adds a partition for every complete (_READY) delivery not yet ingested and requests its run.")
 def delivery_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome) -> dg.SensorResult:
+    for key in changed_deliveries(audit_home.landing, audit_home.curated):
+        context.log.warning(f"delivery {key} changed after ingestion: ignored; deliver it under a new batch name")
     keys = new_deliveries(context.instance, audit_home)
     if not keys:
         return dg.SensorResult(skip_reason=f"no new complete delivery under {audit_home.landing}")

@@ -14,6 +14,9 @@ DEFAULT_VENDORS = "a=0.0,b=0.05,c=0.2"
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
+concurrency:
+  pools:
+    default_limit: 1  # the 'dvc' pool: one DVC operation at a time per repository
 python_logs:
   managed_python_loggers: [ml]
   python_log_level: INFO
@@ -43,6 +46,7 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     """Ingest and score every new complete delivery, then refresh the scorecard; train when there is
     no model yet or ``retrain`` is asked. Returns the scorecard."""
     from ml.config import load_settings
+    from ml.delivery import changed_deliveries
     from pipelines.automation import new_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
@@ -58,6 +62,9 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     for number, key in enumerate(keys, start=1):
         log.info("ingesting delivery %s (%d of %d)", key, number, len(keys))
         ingest.execute_in_process(instance=instance, partition_key=key)
+    for key in changed_deliveries(audit_home.landing, audit_home.curated):
+        log.error("delivery %s changed in the landing folder after it was ingested: the change is ignored "
+                  "(ingested rows are never replaced); deliver it again under a new batch name", key)
     scorecard_path = home / "reports" / "scorecard.csv"
     has_model = MlflowTracking(audit_home=audit_home).champion() is not None
     if retrain or not has_model:

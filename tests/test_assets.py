@@ -67,3 +67,21 @@ def test_definitions_load_with_the_whole_lineage(tmp_path, monkeypatch):
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"ingest_deliveries", "score_vendors", "audit_vendors"}
     score_assets = defs.resolve_job_def("score_vendors").asset_layer.executable_asset_keys
     assert dg.AssetKey("cv_models") not in score_assets and dg.AssetKey("vendor_scorecard") in score_assets
+
+
+def test_redelivery_under_an_ingested_batch_name_is_rejected_not_mixed(small_home):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001"])
+    resources = {"audit_home": AuditHome(home=str(small_home))}
+    first = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance, resources=resources)
+    rows_before = (small_home / "curated" / "a" / "batch-001" / "rows.csv").read_bytes()
+    again = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance, resources=resources)
+    assert first.success and again.success  # an unchanged re-run is a no-op
+    labels = small_home / "landing" / "a" / "batch-001" / "labels.csv"
+    labels.write_text(labels.read_text().replace(",0,", ",1,", 1))
+    changed = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance, resources=resources,
+                             raise_on_error=False)
+    assert not changed.success
+    failure = changed.get_step_failure_events()[0].event_specific_data.error.message
+    assert "changed after it was ingested" in failure and "new batch name" in failure
+    assert (small_home / "curated" / "a" / "batch-001" / "rows.csv").read_bytes() == rows_before

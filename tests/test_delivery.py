@@ -121,3 +121,15 @@ def test_curated_storage_round_trip(tmp_path):
     assert rows["image_id"].tolist() == ["v1/b1/a.png"]
     np.testing.assert_array_equal(images[0, :, :, 0], np.arange(16).reshape(4, 4))
     assert pd.read_csv(tmp_path / "quarantine" / "v1" / "b1.csv")["reason"].tolist() == ["unknown class 'bird'"]
+
+
+def test_fingerprint_changes_when_a_delivered_file_changes(tmp_path):
+    from ml.delivery import changed_deliveries
+
+    image = Image.fromarray(np.zeros((4, 4), np.uint8))
+    delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": image})
+    result = ingest_delivery(delivery, CLASSES, 4, 1)
+    write_curated(tmp_path / "curated", tmp_path / "quarantine", delivery, result)
+    assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == []
+    Image.fromarray(np.ones((4, 5), np.uint8)).save(delivery.folder / "a.png")
+    assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == ["v1.b1"]
