@@ -5,6 +5,7 @@ A delivery is ``landing/<vendor>/<batch>/`` with ``labels.csv``, the images, and
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -87,31 +88,48 @@ def find_ready_deliveries(landing: Path) -> list[Delivery]:
 def read_labels_csv(path: Path) -> pd.DataFrame:
     """Read ``labels.csv`` into strings with a 1-based ``row`` (data row number, header excluded).
 
-    Raises DeliveryError naming the file when it is missing, not UTF-8, or lacks required columns.
+    The file is streamed row by row. Raises DeliveryError naming the file (and line) when it is
+    missing, empty, not UTF-8, not parseable as CSV, or lacks a required column.
     """
     if not path.is_file():
         raise DeliveryError(f"{path}: labels.csv is missing")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DeliveryError(f"{path}: line {line}: not UTF-8 text ({exc.reason})") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None:
-        raise DeliveryError(f"{path}: empty file (expected a header with columns image,label)")
-    header = [h.strip().lower() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise DeliveryError(f"{path}: missing required column(s) {', '.join(missing)} (header: {','.join(header)})")
     records = []
-    for number, fields in enumerate(reader, start=1):
-        if not fields or all(not f.strip() for f in fields):
-            continue
-        record = dict(zip(header, fields))
-        records.append({"row": number, "image": record.get("image", ""), "label": record.get("label", "")})
+    with open(path, "rb") as fh:
+        reader = csv.reader(_utf8_lines(fh, path))
+        try:
+            header = next(reader, None)
+            if not header or not any(h.strip() for h in header):
+                raise DeliveryError(f"{path}: empty file (expected a header with columns image,label)")
+            header = [h.strip().lower() for h in header]
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            if missing:
+                raise DeliveryError(f"{path}: missing required column(s) {', '.join(missing)} "
+                                    f"(header: {','.join(header)})")
+            image_at, label_at = header.index("image"), header.index("label")
+            for number, fields in enumerate(reader, start=1):
+                if not fields or all(not f.strip() for f in fields):
+                    continue
+                image = fields[image_at] if image_at < len(fields) else ""
+                label = fields[label_at] if label_at < len(fields) else ""
+                records.append((number, image, label))
+        except csv.Error as exc:
+            raise DeliveryError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from exc
     return pd.DataFrame.from_records(records, columns=["row", "image", "label"])
+
+
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+
+
+def _utf8_lines(fh, path: Path):
+    """Decode a binary file line by line (a leading byte-order mark dropped), naming the first bad line."""
+    for number, raw in enumerate(fh, start=1):
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DeliveryError(f"{path}: line {number}: not UTF-8 text ({exc.reason})") from exc
+        yield from _LONE_CR.split(line)  # csv expects lines split at \r too, as with newline=""
 
 
 def resolve_inside(folder: Path, relative: str) -> Path | None:
@@ -140,6 +158,7 @@ def ingest_delivery(
     canonical = {c.casefold(): c for c in classes}
     accepted, images, quarantined = [], [], []
     seen_rows: dict[str, int] = {}
+    seen_content: dict[str, tuple[int, str]] = {}
 
     def reject(row, reason: str) -> None:
         quarantined.append({"vendor": delivery.vendor, "batch": delivery.batch, "row": row.row,
@@ -167,9 +186,16 @@ def ingest_delivery(
         except ImageError as exc:
             reject(row, str(exc))
             continue
+        digest = _sha256(path)
+        if digest in seen_content:
+            first_row, first_label = seen_content[digest]
+            relation = "the same label" if first_label == label else f"another label ({first_label})"
+            reject(row, f"same image content as row {first_row}, with {relation}")
+            continue
+        seen_content[digest] = (row.row, label)
         accepted.append({"image_id": f"{delivery.vendor}/{delivery.batch}/{image_name}",
                          "vendor": delivery.vendor, "batch": delivery.batch, "image": image_name,
-                         "label": label, "row": row.row, "sha256": _sha256(path)})
+                         "label": label, "row": row.row, "sha256": digest})
         images.append(pixels)
     stack = np.stack(images) if images else np.zeros((0, image_size, image_size, channels), np.uint8)
     return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), stack,

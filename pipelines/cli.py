@@ -47,7 +47,7 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     no model yet or ``retrain`` is asked. Returns the scorecard."""
     from ml.config import load_settings
     from ml.delivery import changed_deliveries
-    from pipelines.automation import new_deliveries
+    from pipelines.automation import new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
 
@@ -55,9 +55,10 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     instance = open_instance(home)
     defs = build_definitions(str(home))
     audit_home = AuditHome(home=str(home))
-    keys = new_deliveries(instance, audit_home)
-    if keys:
-        instance.add_dynamic_partitions("deliveries", keys)
+    added = new_deliveries(instance, audit_home)
+    if added:
+        instance.add_dynamic_partitions("deliveries", added)
+    keys = pending_deliveries(audit_home)  # new ones, and any whose ingestion was interrupted
     ingest = defs.resolve_job_def("ingest_deliveries")
     for number, key in enumerate(keys, start=1):
         log.info("ingesting delivery %s (%d of %d)", key, number, len(keys))

@@ -28,6 +28,7 @@ def _delivery(tmp_path, rows, images):
 
 def test_every_row_is_accepted_or_quarantined_with_a_reason(tmp_path):
     good = Image.fromarray(np.full((10, 10), 200, np.uint8))
+    other = Image.fromarray(np.full((10, 10), 100, np.uint8))
     png = (tmp_path / "x.png")
     good.save(png)
     truncated = png.read_bytes()[:40]
@@ -44,10 +45,11 @@ def test_every_row_is_accepted_or_quarantined_with_a_reason(tmp_path):
         ("broken.png", "cat"),
         ("text.png", "dog"),
         ("empty.png", "dog"),
-    ], {"ok.png": good, "ok2.png": good, "bird.png": good, "ok3.png": good, "broken.png": truncated,
-        "text.png": b"hello, not an image", "empty.png": b""})
+        ("copy.png", "dog"),           # the content of ok.png again, another label
+    ], {"ok.png": good, "ok2.png": other, "bird.png": good, "ok3.png": good, "broken.png": truncated,
+        "text.png": b"hello, not an image", "empty.png": b"", "copy.png": good})
     result = ingest_delivery(delivery, CLASSES, 8, 1)
-    assert result.reconciles and result.n_delivered == 11
+    assert result.reconciles and result.n_delivered == 12
     assert list(result.accepted["label"]) == ["cat", "dog"]
     assert result.images.shape == (2, 8, 8, 1) and result.images.dtype == np.uint8
     reasons = dict(zip(result.quarantine["row"], result.quarantine["reason"]))
@@ -58,6 +60,7 @@ def test_every_row_is_accepted_or_quarantined_with_a_reason(tmp_path):
     assert reasons[8] == "image file not found"
     assert "image" in reasons[9] and "image" in reasons[10]
     assert reasons[11] == "empty file (0 bytes)"
+    assert reasons[12] == "same image content as row 1, with another label (cat)"
     assert result.accepted["image_id"].tolist() == ["v1/b1/ok.png", "v1/b1/ok2.png"]
 
 
