@@ -32,6 +32,8 @@ class Settings:
     seed: int = 0
     heads: tuple[str, ...] = ("softmax", "l2softmax")
     bootstrap: int = 200
+    tracking_uri: str = ""  # MLflow tracking URI; empty: SQLite under <home>/mlflow
+    dvc_remote: str = ""    # DVC remote URL; empty: the folder <home>/dvc-remote
     extra: dict = field(default_factory=dict)
 
     def class_index(self) -> dict[str, int]:

@@ -46,7 +46,8 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     """Ingest and score every new complete delivery, then refresh the scorecard; train when there is
     no model yet or ``retrain`` is asked. Returns the scorecard."""
     from ml.config import load_settings
-    from ml.delivery import changed_deliveries
+    from ml.delivery import changed_deliveries, load_curated_rows
+    from pipelines.store import champion_outputs
     from pipelines.automation import new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
@@ -67,7 +68,14 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
         log.error("delivery %s changed in the landing folder after it was ingested: the change is ignored "
                   "(ingested rows are never replaced); deliver it again under a new batch name", key)
     scorecard_path = home / "reports" / "scorecard.csv"
-    has_model = MlflowTracking(audit_home=audit_home).champion() is not None
+    champion = MlflowTracking(audit_home=audit_home).champion()
+    has_model = champion is not None
+    if has_model and not retrain:  # deliveries whose scoring failed earlier (the model store was down...)
+        rows = load_curated_rows(audit_home.curated)
+        for key in champion_outputs(audit_home.root, champion, rows)[2]:
+            log.info("scoring delivery %s with the champion model v%s", key, champion["model_version"])
+            ingest.execute_in_process(instance=instance, partition_key=key)
+            keys.append(key)
     if retrain or not has_model:
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
         config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
@@ -204,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
+    import dagster as dg
+
     from ml.config import ConfigError
     from ml.delivery import DeliveryError
+    from pipelines.resources import DvcError, TrackingUnavailable
+    from pipelines.store import ModelFileError
 
     try:
         if args.command == "simulate":
@@ -225,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DeliveryError, ValueError, FileNotFoundError) as exc:
         print(f"vendor-audit: error: {exc}", file=sys.stderr)
         return 2
+    except (TrackingUnavailable, DvcError, ModelFileError) as exc:
+        print(f"vendor-audit: error: {exc}", file=sys.stderr)
+        return 1
+    except dg.Failure as exc:
+        print(f"vendor-audit: error: {exc.description}", file=sys.stderr)
+        return 1
+    except dg.DagsterExecutionStepExecutionError as exc:
+        cause = exc.__cause__ or exc
+        print(f"vendor-audit: error in {exc.step_key}: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -50,6 +50,10 @@ class AuditHome(dg.ConfigurableResource):
 CHAMPION = "champion"
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be reached or used."""
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking store: SQLite + a local artifact folder under the home unless ``tracking_uri`` is set."""
 
@@ -59,8 +63,9 @@ class MlflowTracking(dg.ConfigurableResource):
     registered_model: str = "vendor-audit-classifier"
 
     def uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
+        configured = self.tracking_uri or self.audit_home.settings().tracking_uri
+        if configured:
+            return configured
         folder = self.audit_home.root / "mlflow"
         folder.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{folder / 'mlflow.db'}"
@@ -70,11 +75,16 @@ class MlflowTracking(dg.ConfigurableResource):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
-        mlflow.set_tracking_uri(self.uri())
-        if mlflow.get_experiment_by_name(self.experiment) is None:
-            artifacts = None if self.tracking_uri else (self.audit_home.root / "mlflow" / "artifacts").as_uri()
-            mlflow.create_experiment(self.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(self.experiment)
+        uri = self.uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            if mlflow.get_experiment_by_name(self.experiment) is None:
+                local = uri.startswith("sqlite:") and not (self.tracking_uri or self.audit_home.settings().tracking_uri)
+                artifacts = (self.audit_home.root / "mlflow" / "artifacts").as_uri() if local else None
+                mlflow.create_experiment(self.experiment, artifact_location=artifacts)
+            mlflow.set_experiment(self.experiment)
+        except Exception as exc:  # noqa: BLE001 - the store is unusable, whatever the cause
+            raise TrackingUnavailable(f"MLflow tracking store {uri} is unavailable: {exc}") from exc
         return mlflow
 
 
@@ -138,7 +148,7 @@ class DvcRepo(dg.ConfigurableResource):
         if not (root / ".dvc").is_dir():
             self._dvc("init", "--no-scm", "-q")
             self._dvc("config", "core.autostage", "false")
-        remote = self.remote_url or str(root / "dvc-remote")
+        remote = self.remote_url or self.audit_home.settings().dvc_remote or str(root / "dvc-remote")
         self._dvc("remote", "add", "--default", "--force", "storage", remote)
         if not (root / "dvc.yaml").is_file():
             (root / "dvc.yaml").write_text(DVC_PIPELINE)
