@@ -10,7 +10,9 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
-from ml.delivery import atomic_write_bytes, atomic_write_csv, load_curated_delivery, load_curated_rows, parse_key
+from ml.delivery import (
+    atomic_write_bytes, atomic_write_csv, duplicate_of, load_curated_delivery, load_curated_rows, parse_key,
+)
 from ml.estimate import VendorRates
 from ml.report import confusion_plot, render_report, write_text_atomic
 from ml.scorecard import build_scorecard, compare_vendors
@@ -85,7 +87,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
     result, issues = run_audit(rows, outputs.probs, outputs.embeddings, settings.classes,
                                n_boot=settings.bootstrap, seed=settings.seed)
     issues = issues.assign(model_version=champion["model_version"], model_trained_on=champion["dataset_version"],
-                           prediction=source)
+                           prediction=source, duplicate_of=duplicate_of(rows).to_numpy())
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
     counts = issues["verdict"].value_counts().to_dict()

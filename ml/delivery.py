@@ -299,6 +299,12 @@ def load_curated_rows(curated: Path) -> pd.DataFrame:
     return pd.concat([_read_rows(p) for p in _curated_row_files(curated)], ignore_index=True)
 
 
+def duplicate_of(rows: pd.DataFrame) -> pd.Series:
+    """Per curated row (N,): the image_id of the first earlier row with the same content, else ""."""
+    first = rows.groupby("sha256")["image_id"].transform("first")
+    return first.where(first != rows["image_id"], "")
+
+
 def load_curated_delivery(curated: Path, vendor: str, batch: str) -> tuple[pd.DataFrame, np.ndarray]:
     """One curated delivery: its rows and uint8 images (N, S, S, C)."""
     folder = curated / vendor / batch

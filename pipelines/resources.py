@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,11 @@ class AuditHome(dg.ConfigurableResource):
 CHAMPION = "champion"
 
 
+def redact(uri: str) -> str:
+    """The URI without any user:password part, for messages and logs."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
 class TrackingUnavailable(RuntimeError):
     """The MLflow tracking store cannot be reached or used."""
 
@@ -84,7 +90,8 @@ class MlflowTracking(dg.ConfigurableResource):
                 mlflow.create_experiment(self.experiment, artifact_location=artifacts)
             mlflow.set_experiment(self.experiment)
         except Exception as exc:  # noqa: BLE001 - the store is unusable, whatever the cause
-            raise TrackingUnavailable(f"MLflow tracking store {uri} is unavailable: {exc}") from exc
+            raise TrackingUnavailable(f"MLflow tracking store {redact(uri)} is unavailable: "
+                                      f"{str(exc).replace(uri, redact(uri))}") from exc
         return mlflow
 
 

@@ -136,3 +136,10 @@ def test_fingerprint_changes_when_a_delivered_file_changes(tmp_path):
     assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == []
     Image.fromarray(np.ones((4, 5), np.uint8)).save(delivery.folder / "a.png")
     assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == ["v1.b1"]
+
+
+def test_same_content_across_deliveries_is_kept_and_marked_as_a_duplicate(tmp_path):
+    from ml.delivery import duplicate_of
+
+    rows = pd.DataFrame({"image_id": ["a/b1/x.png", "a/b1/y.png", "c/b9/z.png"], "sha256": ["h1", "h2", "h1"]})
+    assert duplicate_of(rows).tolist() == ["", "", "a/b1/x.png"]
