@@ -12,7 +12,8 @@ SCORECARD_COLUMNS = ["vendor", "n_images", "n_flagged", "n_ambiguous", "error_ra
 
 
 def build_scorecard(vendors: list[str], vendor: np.ndarray, verdict: np.ndarray, rates: VendorRates) -> pd.DataFrame:
-    """One row per vendor (SCORECARD_COLUMNS); ``vendor`` (N,) indexes ``vendors``, ``verdict`` (N,) str."""
+    """One row per vendor (SCORECARD_COLUMNS, then ``ambiguous_rate``); ``vendor`` (N,) indexes
+    ``vendors``, ``verdict`` (N,) str. ``error_rate`` counts clear errors only."""
     n_vendors = len(vendors)
     card = pd.DataFrame({
         "vendor": vendors,
@@ -24,7 +25,8 @@ def build_scorecard(vendors: list[str], vendor: np.ndarray, verdict: np.ndarray,
         "error_rate_high": rates.high.round(4),
     })
     card["rank"] = card["error_rate"].rank(method="min").astype(int)
-    return card.sort_values(["rank", "vendor"]).reset_index(drop=True)[SCORECARD_COLUMNS]
+    card["ambiguous_rate"] = (card["n_ambiguous"] / card["n_images"].clip(lower=1)).round(4)
+    return card.sort_values(["rank", "vendor"]).reset_index(drop=True)[SCORECARD_COLUMNS + ["ambiguous_rate"]]
 
 
 def compare_vendors(vendors: list[str], rates: VendorRates, alpha: float = 0.05) -> pd.DataFrame:

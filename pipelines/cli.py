@@ -95,8 +95,12 @@ def with_truth(scorecard: pd.DataFrame, home: Path) -> pd.DataFrame:
         return scorecard
     truth = pd.read_csv(truth_path, dtype=str, keep_default_na=False)
     issues = pd.read_csv(home / "reports" / "label_issues.csv", dtype=str, keep_default_na=False)
-    merged = issues.merge(truth[["image_id", "true_label"]], on="image_id", how="inner")
-    true_rate = (merged["given_label"] != merged["true_label"]).groupby(merged["vendor"]).mean().round(4)
+    if "true_labels" not in truth.columns:  # a truth file with one true label per image
+        truth["true_labels"] = truth["true_label"]
+    merged = issues.merge(truth[["image_id", "true_labels"]], on="image_id", how="inner")
+    # the given label is wrong only when it is outside the set of true labels (ambiguous images)
+    wrong = [given not in labels.split("|") for given, labels in zip(merged["given_label"], merged["true_labels"])]
+    true_rate = pd.Series(wrong, index=merged.index).groupby(merged["vendor"]).mean().round(4)
     return scorecard.assign(true_error_rate=scorecard["vendor"].map(true_rate))
 
 

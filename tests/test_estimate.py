@@ -79,6 +79,6 @@ def test_scorecard_and_issue_tables_follow_the_contract():
     assert list(issues.columns) == ISSUE_COLUMNS
     assert set(issues["verdict"]) <= {"ok", "error", "ambiguous", "outlier"}
     card = build_scorecard(result.vendors, np.repeat([0, 1], 400), issues["verdict"].to_numpy(), result.rates)
-    assert list(card.columns) == SCORECARD_COLUMNS
+    assert list(card.columns) == SCORECARD_COLUMNS + ["ambiguous_rate"]
     assert card["vendor"].tolist() == ["v0", "v1"] and card["rank"].tolist() == [1, 2]
     assert card.loc[1, "n_flagged"] > card.loc[0, "n_flagged"]
