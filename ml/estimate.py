@@ -63,6 +63,8 @@ def fit_noise_model(
     max_iter: int = 500,
     tol: float = 1e-6,
     initial_confusion: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+    temperature: float | None = None,
 ) -> NoiseModel:
     """Fit per-vendor confusion matrices by EM.
 
@@ -73,27 +75,30 @@ def fit_noise_model(
     vendor : (N,) int vendor index per image.
     prior_strength : pseudo-counts per row of each confusion matrix, spread as the vendor's current
         uniform-noise fit, so rare (true, given) pairs shrink toward "errors fall anywhere".
+    sample_weight : (N,) optional weight per image (bootstrap replicates use resampling counts).
+    temperature : the calibration to apply; fitted to the given labels when None.
     """
     n, k = probs.shape
     n_vendors = int(vendor.max()) + 1 if n_vendors is None else n_vendors
-    temperature = fit_temperature(probs, given)
+    weight = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+    temperature = fit_temperature(probs, given) if temperature is None else temperature
     noisy = apply_temperature(probs, temperature)
     eye = np.eye(k)
     confusion = np.repeat((0.9 * eye + 0.1 * (1 - eye) / (k - 1))[None], n_vendors, axis=0) \
         if initial_confusion is None else initial_confusion.copy()
-    weights = np.bincount(vendor, minlength=n_vendors) / n
+    vendor_share = np.bincount(vendor, weights=weight, minlength=n_vendors) / weight.sum()
     cell = vendor * k + given  # which (vendor, given label) column each image adds to
     previous = None
     for iteration in range(1, max_iter + 1):
-        mean_confusion = np.tensordot(weights, confusion, axes=1)
+        mean_confusion = np.tensordot(vendor_share, confusion, axes=1)
         clean = noisy @ np.linalg.pinv(mean_confusion)
         np.clip(clean, EPS, None, out=clean)
         clean /= clean.sum(axis=1, keepdims=True)
         posterior = clean * confusion[vendor, :, given]  # C_v[k, given_i] for every k: (N, K)
         posterior /= posterior.sum(axis=1, keepdims=True)
-        counts = np.zeros((n_vendors * k, k))
-        np.add.at(counts, cell, posterior)  # (V * K given, K true)
-        counts = counts.reshape(n_vendors, k, k).transpose(0, 2, 1)  # (V, K true, K given)
+        weighted = posterior * weight[:, None]
+        counts = np.stack([np.bincount(cell, weights=weighted[:, j], minlength=n_vendors * k) for j in range(k)])
+        counts = counts.reshape(k, n_vendors, k).transpose(1, 0, 2)  # (V, K true, K given)
         diag = np.trace(counts, axis1=1, axis2=2) / np.maximum(counts.sum(axis=(1, 2)), EPS)
         pseudo = prior_strength * (diag[:, None, None] * eye + (1 - diag[:, None, None]) * (1 - eye) / (k - 1))
         counts = counts + pseudo
@@ -130,23 +135,24 @@ def vendor_error_rates(
     n_vendors = int(vendor.max()) + 1
     counted = np.ones(len(given), bool) if counted is None else counted
 
-    def rates(model: NoiseModel, index: np.ndarray) -> np.ndarray:
-        err = model.p_error(given[index]) * counted[index]
-        return np.bincount(vendor[index], weights=err, minlength=n_vendors) / np.maximum(
-            np.bincount(vendor[index], minlength=n_vendors), 1)
+    def rates(model: NoiseModel, weight: np.ndarray) -> np.ndarray:
+        err = model.p_error(given) * counted * weight
+        return np.bincount(vendor, weights=err, minlength=n_vendors) / np.maximum(
+            np.bincount(vendor, weights=weight, minlength=n_vendors), 1e-12)
 
     full = fit_noise_model(probs, given, vendor, n_vendors)
-    point = rates(full, np.arange(len(given)))
-
-    def refit(index: np.ndarray) -> np.ndarray:
-        # warm start from the full fit: EM from there settles in a few dozen steps
-        model = fit_noise_model(probs[index], given[index], vendor[index], n_vendors, max_iter=60, tol=1e-5,
-                                initial_confusion=full.confusion)
-        return rates(model, index)
-
+    point = rates(full, np.ones(len(given)))
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
-    boot = np.array([refit(np.concatenate([rng.choice(g, len(g)) for g in groups])) for _ in range(n_boot)])
+    boot = np.empty((n_boot, n_vendors))
+    for b in range(n_boot):
+        # resample images within each vendor, as counts; warm-start EM from the full fit
+        weight = np.zeros(len(given))
+        for g in groups:
+            weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
+        model = fit_noise_model(probs, given, vendor, n_vendors, max_iter=25, tol=1e-5, sample_weight=weight,
+                                initial_confusion=full.confusion, temperature=full.temperature)
+        boot[b] = rates(model, weight)
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
     shift = point - boot.mean(axis=0)
