@@ -9,7 +9,7 @@ from pipelines.resources import AuditHome, DvcRepo
 
 @dg.asset(
     deps=[vendor_delivery],
-    group_name="dataset",
+    group_name="vendor_audit",
     kinds={"dvc"},
     pool="dvc",  # DVC runs one operation at a time per repository
     description="All curated deliveries, tracked by DVC in the home and pushed to its remote; "

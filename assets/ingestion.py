@@ -11,7 +11,7 @@ from pipelines.resources import AuditHome
 
 @dg.asset(
     partitions_def=deliveries,
-    group_name="ingestion",
+    group_name="vendor_audit",
     kinds={"python", "csv"},
     description="One vendor delivery validated row by row: accepted rows and decoded images go to "
                 "curated/<vendor>/<batch>, rejected rows to quarantine/<vendor>/<batch>.csv with a reason.",

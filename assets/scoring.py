@@ -42,7 +42,7 @@ def _require_champion(mlflow_tracking: MlflowTracking) -> dict:
 @dg.asset(
     partitions_def=deliveries,
     deps=[vendor_delivery],
-    group_name="scoring",
+    group_name="vendor_audit",
     kinds={"pytorch"},
     description="One delivery scored by the registered champion model (out-of-sample: it never saw the "
                 "delivery). Nothing to do before the first training or when the champion was trained on it.",
@@ -69,7 +69,7 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
 
 @dg.asset(
     deps=[cv_models, batch_scores],
-    group_name="scoring",
+    group_name="vendor_audit",
     kinds={"pandas", "csv"},
     description="Per image: probability the given label is wrong, suggested label and a verdict "
                 "(ok, error, ambiguous, outlier) from per-vendor noise models fitted to the champion's "
@@ -106,7 +106,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
 
 @dg.asset(
     deps=[label_issues],
-    group_name="scoring",
+    group_name="vendor_audit",
     kinds={"pandas", "mlflow"},
     pool="dvc",
     description="One row per vendor: error rate with a 95% interval, flagged and ambiguous counts, rank; "

@@ -62,7 +62,7 @@ def champion_accuracy(audit_home: AuditHome, champion: dict, rows, labels: np.nd
 
 @dg.asset(
     deps=[curated_dataset],
-    group_name="training",
+    group_name="vendor_audit",
     kinds={"pytorch", "mlflow"},
     description="K-fold cross-validated CNNs, one MLflow run per head (softmax, L2-softmax), each registered; "
                 "out-of-fold probabilities and embeddings for every curated image. Skipped when this dataset "

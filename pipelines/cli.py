@@ -167,6 +167,13 @@ def _bench(args) -> None:
     log.info("wrote %s", args.output)
 
 
+def _screenshots(args) -> None:
+    from pipelines.screenshots import take_screenshots
+
+    for path in take_screenshots(args.home, args.out, args.home / "logs"):
+        log.info("wrote %s", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax")
     p.add_argument("--bootstrap", type=int, default=100)
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
+    p.add_argument("--out", type=Path, default=Path("docs/img"))
     for name, help_text, port in (("ui", "start the Dagster UI (dagster dev) on this home", 3000),
                                   ("mlflow-ui", "start the MLflow UI on this home's tracking store", 5000)):
         p = add(name, help_text)
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "screenshots":
+            _screenshots(args)
         elif args.command == "ui":
             _ui(args)
         elif args.command == "mlflow-ui":

@@ -15,7 +15,7 @@ from ml.config import load_settings, write_settings
 from ml.train import FoldEnsemble, SmallCNN
 from pipelines.cli import main
 from pipelines.store import ModelFileError, load_ensemble, save_ensemble
-from servers import free_port
+from pipelines.servers import free_port
 
 
 def _reconciles(home, all_ingested: bool = True) -> None:

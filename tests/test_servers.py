@@ -1,18 +1,11 @@
 """The real MLflow and Dagster servers, on 127.0.0.1, show what the audit recorded."""
 
-import sys
-from pathlib import Path
-
-from servers import free_port, http_json, running
+from pipelines.servers import dagster_dev_command, free_port, http_json, mlflow_server_command, running
 
 
 def test_mlflow_server_lists_runs_metrics_and_registered_versions(audited_home, tmp_path):
     port = free_port()
-    store = audited_home / "mlflow"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command, env = mlflow_server_command(audited_home, port)
     base = f"http://127.0.0.1:{port}"
     with running(command, f"{base}/health", env, tmp_path / "mlflow.log", timeout=120) as server:
         experiment = http_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=vendor-audit")
@@ -35,7 +28,6 @@ def test_mlflow_server_lists_runs_metrics_and_registered_versions(audited_home, 
     assert server.poll() is not None, f"mlflow server {pid} still running"
 
 
-WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
 GRAPHQL = """
 {
   assetNodes { assetKey { path } dependencyKeys { path } partitionKeys }
@@ -47,8 +39,7 @@ GRAPHQL = """
 
 def test_dagster_webserver_shows_lineage_partitions_sensor_and_schedule(audited_home, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(WORKSPACE), "-h", "127.0.0.1", "-p", str(port)]
-    env = {"VENDOR_AUDIT_HOME": str(audited_home), "DAGSTER_HOME": str(audited_home / "dagster")}
+    command, env = dagster_dev_command(audited_home, port)
     base = f"http://127.0.0.1:{port}"
     with running(command, f"{base}/server_info", env, tmp_path / "dagster.log", timeout=180) as server:
         data = http_json(f"{base}/graphql", {"query": GRAPHQL}, timeout=60)["data"]

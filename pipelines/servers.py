@@ -1,13 +1,17 @@
-"""Start real servers on 127.0.0.1 for tests and stop them by their process group."""
+"""Start the real Dagster and MLflow servers on 127.0.0.1 and stop them by their process group."""
 
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
+
+WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
 
 
 def free_port() -> int:
@@ -21,6 +25,21 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> d
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def mlflow_server_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
+    """``mlflow server`` on a home's tracking store, with the settings that make it answer in seconds."""
+    store = home / "mlflow"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", host, "--port", str(port),
+               "--workers", "1"]
+    return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def dagster_dev_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
+    """``dagster dev`` with the project's workspace.yaml, on a home's Dagster instance."""
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(WORKSPACE), "-h", host, "-p", str(port)]
+    return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
 
 
 @contextmanager
