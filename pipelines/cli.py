@@ -167,6 +167,22 @@ def _bench(args) -> None:
     log.info("wrote %s", args.output)
 
 
+def _bench_incremental(args) -> None:
+    import shlex
+
+    from ml.report import write_text_atomic
+    from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
+
+    overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
+    rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
+                                     args.full_up_to, overrides, run_audit)
+    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    text = format_incremental(rows, command.strip(), f"{args.per_batch} images a batch, "
+                              f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
+    print(text)
+    write_text_atomic(args.output, text)
+
+
 def _screenshots(args) -> None:
     from pipelines.screenshots import take_screenshots
 
@@ -206,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax")
     p.add_argument("--bootstrap", type=int, default=100)
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    p = add("bench-incremental", "time new-batch scoring against full re-runs as batches accumulate")
+    p.add_argument("--checkpoints", default="1,5,20")
+    p.add_argument("--per-batch", type=int, default=2000)
+    p.add_argument("--full-up-to", type=int, default=20, help="largest checkpoint that also times a full re-run")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--heads", default="softmax,l2softmax")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS-incremental.md"))
     p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
     p.add_argument("--out", type=Path, default=Path("docs/img"))
     for name, help_text, port in (("ui", "start the Dagster UI (dagster dev) on this home", 3000),
@@ -243,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             _run(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "bench-incremental":
+            _bench_incremental(args)
         elif args.command == "screenshots":
             _screenshots(args)
         elif args.command == "ui":

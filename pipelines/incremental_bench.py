@@ -1,0 +1,60 @@
+"""Benchmark of the incremental flow: time from a new delivery's _READY to the refreshed scorecard when
+a model exists, beside a full re-run (retrain and re-score everything), as batches accumulate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ml.config import load_settings, write_settings
+from ml.datasets import load_fashion_mnist
+from ml.simulate import simulate_deliveries
+
+
+def _land(home: Path, data, number: int, per_batch: int, vendors: list[str]) -> None:
+    vendor = vendors[number % len(vendors)]
+    rate = {"a": 0.0, "b": 0.05, "c": 0.2}.get(vendor, 0.1)
+    simulate_deliveries(data, {vendor: rate}, per_batch, home, seed=1000 + number, batch=f"batch-{number:03d}")
+
+
+def run_incremental_benchmark(home: Path, checkpoints: list[int], per_batch: int, full_up_to: int,
+                              settings_overrides: dict, run_audit) -> list[dict]:
+    """Land batches one by one; at each checkpoint (number of batches already ingested) time one
+    incremental run (a new batch, scored by the champion) and, up to ``full_up_to``, a full re-run."""
+    data = load_fashion_mnist()
+    vendors = ["a", "b", "c"]
+    _land(home, data, 0, per_batch, vendors)
+    write_settings(home, replace(load_settings(home), **settings_overrides))
+    run_audit(home)  # the first model
+    rows, landed = [], 1
+    for checkpoint in sorted(checkpoints):
+        while landed < checkpoint:  # fill up to the checkpoint, untimed
+            _land(home, data, landed, per_batch, vendors)
+            run_audit(home)
+            landed += 1
+        _land(home, data, landed, per_batch, vendors)
+        started = time.perf_counter()
+        run_audit(home)
+        incremental = time.perf_counter() - started
+        landed += 1
+        full = np.nan
+        if checkpoint <= full_up_to:
+            started = time.perf_counter()
+            run_audit(home, retrain=True)
+            full = time.perf_counter() - started
+        rows.append({"batches_ingested": checkpoint, "images": checkpoint * per_batch,
+                     "incremental_s": incremental, "full_rerun_s": full})
+    return rows
+
+
+def format_incremental(rows: list[dict], command: str, note: str) -> str:
+    lines = ["### Incremental scoring", "", f"`{command}` ({note})", "",
+             "| batches already ingested | images | new batch: _READY to scorecard (s) | full re-run (s) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        full = "not run" if np.isnan(r["full_rerun_s"]) else f"{r['full_rerun_s']:.0f}"
+        lines.append(f"| {r['batches_ingested']} | {r['images']} | {r['incremental_s']:.1f} | {full} |")
+    return "\n".join(lines) + "\n"
