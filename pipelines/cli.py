@@ -114,6 +114,12 @@ def _simulate(args) -> None:
     log.info("wrote %d images for %d vendors under %s", len(truth), truth["vendor"].nunique(), args.home / "landing")
 
 
+def _demo(args) -> None:
+    _simulate(args)
+    args.retrain = False
+    _run(args)
+
+
 def _run(args) -> None:
     scorecard = run_audit(args.home, retrain=args.retrain)
     print(with_truth(scorecard, args.home).to_string(index=False))
@@ -256,25 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.resources import DvcError, TrackingUnavailable
     from pipelines.store import ModelFileError
 
+    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "bench": _bench,
+                "bench-incremental": _bench_incremental, "screenshots": _screenshots, "ui": _ui,
+                "mlflow-ui": _mlflow_ui}
     try:
-        if args.command == "simulate":
-            _simulate(args)
-        elif args.command == "demo":
-            args.retrain = False
-            _simulate(args)
-            _run(args)
-        elif args.command == "run":
-            _run(args)
-        elif args.command == "bench":
-            _bench(args)
-        elif args.command == "bench-incremental":
-            _bench_incremental(args)
-        elif args.command == "screenshots":
-            _screenshots(args)
-        elif args.command == "ui":
-            _ui(args)
-        elif args.command == "mlflow-ui":
-            _mlflow_ui(args)
+        commands[args.command](args)
     except (ConfigError, DeliveryError, ValueError, FileNotFoundError) as exc:
         print(f"vendor-audit: error: {exc}", file=sys.stderr)
         return 2
