@@ -7,11 +7,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-packages demo test bench ui mlflow-ui
 
-# Debian packages: the Fashion-MNIST demo data (needs root: run as root or with sudo available)
+# Debian packages: the Fashion-MNIST demo data and headless Chromium for the UI screenshots
+# (needs root: run as root or with sudo available)
+DEBIAN_PACKAGES := dataset-fashion-mnist chromium
 system-packages:
-	@if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	@if ! dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends dataset-fashion-mnist; \
+		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml

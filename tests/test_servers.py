@@ -54,3 +54,15 @@ def test_dagster_webserver_shows_lineage_partitions_sensor_and_schedule(audited_
         assert {s["name"] for s in repository["sensors"]} == {"delivery_sensor", "scorecard_refresh_sensor"}
         assert repository["schedules"] == [{"name": "nightly_audit", "cronSchedule": "0 2 * * *"}]
     assert server.poll() is not None
+
+
+def test_screenshots_show_the_lineage_and_the_run_comparison(audited_home, tmp_path):
+    from PIL import Image
+
+    from pipelines.screenshots import take_screenshots
+
+    lineage, comparison = take_screenshots(audited_home, tmp_path / "img", tmp_path / "logs")
+    for png in (lineage, comparison):
+        with Image.open(png) as image:
+            assert image.size == (1600, 1000)
+            assert len(set(image.convert("L").getdata())) > 20  # a rendered page, not a blank one
