@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets.partitions import deliveries
 from ml.delivery import (
-    READY_MARKER, changed_deliveries, ingested_keys, Delivery, infer_format, ingest_delivery, parse_key, read_format, write_curated, write_format,
+    READY_MARKER, has_changed, is_ingested, Delivery, infer_format, ingest_delivery, parse_key, read_format, write_curated, write_format,
 )
 from pipelines.resources import AuditHome
 
@@ -28,8 +28,8 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
     delivery = Delivery(vendor, batch, audit_home.landing / vendor / batch)
     if not (delivery.folder / READY_MARKER).is_file():
         raise dg.Failure(f"{delivery.folder}: no {READY_MARKER} marker: the delivery is not complete")
-    if delivery.key in ingested_keys(audit_home.curated, [delivery]):
-        if delivery.key in changed_deliveries(audit_home.landing, audit_home.curated):
+    if is_ingested(delivery, audit_home.curated):
+        if has_changed(delivery, audit_home.curated):
             raise dg.Failure(f"delivery {delivery.key} changed after it was ingested; ingested rows are never "
                              "replaced or mixed: deliver it again under a new batch name")
         context.log.info(f"{delivery.key} is ingested already and unchanged: nothing to do")

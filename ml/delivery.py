@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import pandas as pd
 
 from ml.images import ImageError, decode_image, probe_image
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 READY_MARKER = "_READY"
 LABELS_FILE = "labels.csv"
@@ -164,7 +166,9 @@ def ingest_delivery(
         quarantined.append({"vendor": delivery.vendor, "batch": delivery.batch, "row": row.row,
                             "image": row.image, "label": row.label, "reason": reason})
 
-    for row in labels.itertuples(index=False):
+    for number, row in enumerate(labels.itertuples(index=False), start=1):
+        if number % 1000 == 0:
+            log.info("%s: %d of %d rows checked", delivery.key, number, len(labels))
         image_name = row.image.strip()
         label = canonical.get(row.label.strip().casefold())
         if not image_name:
@@ -230,19 +234,20 @@ def delivery_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def ingested_keys(curated: Path, deliveries: list[Delivery]) -> set[str]:
-    """Keys among ``deliveries`` whose ingestion completed (their rows file, written last, exists)."""
-    return {d.key for d in deliveries if (curated / d.vendor / d.batch / "rows.csv").is_file()}
+def is_ingested(delivery: Delivery, curated: Path) -> bool:
+    """Whether the delivery's ingestion completed (its rows file, written last, exists)."""
+    return (curated / delivery.vendor / delivery.batch / "rows.csv").is_file()
+
+
+def has_changed(delivery: Delivery, curated: Path) -> bool:
+    """Whether an ingested delivery's files changed in the landing folder since its ingestion."""
+    record = curated / delivery.vendor / delivery.batch / "delivery.json"
+    return record.is_file() and json.loads(record.read_text())["fingerprint"] != delivery_fingerprint(delivery.folder)
 
 
 def changed_deliveries(landing: Path, curated: Path) -> list[str]:
     """Keys of ingested deliveries whose files changed in the landing folder since ingestion."""
-    changed = []
-    for delivery in find_ready_deliveries(landing):
-        record = curated / delivery.vendor / delivery.batch / "delivery.json"
-        if record.is_file() and json.loads(record.read_text())["fingerprint"] != delivery_fingerprint(delivery.folder):
-            changed.append(delivery.key)
-    return changed
+    return [d.key for d in find_ready_deliveries(landing) if has_changed(d, curated)]
 
 
 def _sha256(path: Path) -> str:

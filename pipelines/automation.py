@@ -6,7 +6,7 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.scoring import batch_scores
 from assets.training import cv_models
-from ml.delivery import changed_deliveries, find_ready_deliveries, ingested_keys
+from ml.delivery import changed_deliveries, find_ready_deliveries, is_ingested
 from pipelines.resources import AuditHome, MlflowTracking
 
 ingest_job = dg.define_asset_job(
@@ -32,9 +32,7 @@ def new_deliveries(instance: dg.DagsterInstance, audit_home: AuditHome) -> list[
 
 def pending_deliveries(audit_home: AuditHome) -> list[str]:
     """Keys of complete deliveries whose ingestion has not completed (new, or interrupted)."""
-    ready = find_ready_deliveries(audit_home.landing)
-    done = ingested_keys(audit_home.curated, ready)
-    return [d.key for d in ready if d.key not in done]
+    return [d.key for d in find_ready_deliveries(audit_home.landing) if not is_ingested(d, audit_home.curated)]
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
