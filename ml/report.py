@@ -47,9 +47,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
 def render_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, provenance: dict,
                   plots: dict[str, str], top_issues: pd.DataFrame) -> str:
     """The report as Markdown; ``plots`` maps vendor to a PNG path relative to the report."""
-    shown = scorecard.copy()
-    for column in ("error_rate", "error_rate_low", "error_rate_high"):
-        shown[column] = (100 * shown[column]).map(lambda v: f"{v:.1f}%")
+    shown = scorecard.drop(columns=["dataset_version", "model_version"], errors="ignore")  # in the header line
+    for column in ("error_rate", "error_rate_low", "error_rate_high", "ambiguous_rate"):
+        if column in shown:
+            shown[column] = (100 * shown[column]).map(lambda v: f"{v:.1f}%")
     lines = [
         "# Vendor audit",
         "",
