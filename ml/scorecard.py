@@ -35,12 +35,13 @@ def compare_vendors(vendors: list[str], rates: VendorRates, alpha: float = 0.05)
     rows = []
     for a in range(len(vendors)):
         for b in range(a + 1, len(vendors)):
-            diff = rates.bootstrap[:, a] - rates.bootstrap[:, b]
             point = float(rates.rate[a] - rates.rate[b])
-            shift = point - diff.mean()
-            low, high = np.percentile(diff, [100 * alpha / 2, 100 * (1 - alpha / 2)]) + shift
-            centred = diff - diff.mean()
-            p_value = float((np.sum(np.abs(centred) >= abs(point)) + 1) / (len(diff) + 1))
+            diff = rates.bootstrap[:, a] - rates.bootstrap[:, b]
+            diff = diff + (point - diff.mean())  # centred on the point estimate, as the rate intervals
+            low, high = np.percentile(diff, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            # two-sided percentile p-value: consistent with the interval (p < alpha iff it excludes 0)
+            tail = min(np.sum(diff <= 0), np.sum(diff >= 0))
+            p_value = float(min(1.0, 2 * (tail + 1) / (len(diff) + 1)))
             if p_value < alpha:
                 better, worse = (vendors[a], vendors[b]) if point < 0 else (vendors[b], vendors[a])
                 conclusion = f"{better} has fewer errors than {worse}"
