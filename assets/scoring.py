@@ -120,10 +120,13 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         vendors = [str(v) for v in saved["vendors"]]
         rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"])
         confusion = saved["confusion"]
+        baseline_rates = saved["baseline_rates"]
     issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)
     vendor_index = issues["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
     dataset_version = dvc.version_of("curated")
-    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates).assign(
+    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates)
+    scorecard = scorecard.assign(
+        cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
         dataset_version=dataset_version, model_version=champion["model_version"])
     comparisons = compare_vendors(vendors, rates)
     reports = audit_home.reports

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ml.estimate import NoiseModel, VendorRates, fit_noise_model, vendor_error_rates
-from ml.issues import VerdictRules, label_verdicts
+from ml.issues import VerdictRules, cleanlab_baseline, label_verdicts
 
 ISSUE_COLUMNS = ["image_id", "vendor", "batch", "given_label", "suggested_label", "p_error", "verdict"]
 
@@ -20,12 +20,13 @@ class AuditResult:
     model: NoiseModel
     verdicts: dict[str, np.ndarray]
     rates: VendorRates
+    baseline_rates: np.ndarray  # (V,) cleanlab's num_label_issues share per vendor, on the same probabilities
 
     def to_npz(self) -> bytes:
         buffer = io.BytesIO()
         np.savez(buffer, vendors=np.array(self.vendors), confusion=self.model.confusion,
                  temperature=self.model.temperature, rate=self.rates.rate, low=self.rates.low,
-                 high=self.rates.high, bootstrap=self.rates.bootstrap)
+                 high=self.rates.high, bootstrap=self.rates.bootstrap, baseline_rates=self.baseline_rates)
         return buffer.getvalue()
 
 
@@ -40,6 +41,7 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
     model = fit_noise_model(probs, given, vendor, len(vendors))
     verdicts = label_verdicts(model, given, embeddings, rules)
     rates = vendor_error_rates(probs, given, vendor, counted=~verdicts["ambiguous"], n_boot=n_boot, seed=seed)
+    baseline_rates, baseline_flags = cleanlab_baseline(probs, given, vendor)
     names = np.array(classes)
     issues = pd.DataFrame({
         "image_id": rows["image_id"].to_numpy(),
@@ -49,5 +51,6 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
         "suggested_label": names[verdicts["suggested"]],
         "p_error": verdicts["p_error"].round(4),
         "verdict": verdicts["verdict"],
-    }, columns=ISSUE_COLUMNS)
-    return AuditResult(vendors, model, verdicts, rates), issues
+        "cleanlab_flag": baseline_flags,
+    }, columns=ISSUE_COLUMNS + ["cleanlab_flag"])
+    return AuditResult(vendors, model, verdicts, rates, baseline_rates), issues

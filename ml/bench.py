@@ -15,7 +15,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ml.audit import run_audit
 from ml.datasets import load_dataset
-from ml.issues import cleanlab_baseline
 from ml.simulate import simulate_labels
 from ml.train import TrainConfig, cross_validate
 
@@ -110,7 +109,8 @@ def run_seed(scenario: Scenario, seed: int, config: BenchConfig) -> dict:
     estimate, low, high = result.rates.rate[order], result.rates.low[order], result.rates.high[order]
     wrong = sim.wrong
     truth = np.array([wrong[sim.vendor == v].mean() for v in range(len(sim.vendors))])
-    baseline_rate, baseline_flags = cleanlab_baseline(probs, sim.given, sim.vendor)
+    baseline_rate = result.baseline_rates[order]
+    baseline_flags = issues["cleanlab_flag"].to_numpy()
     flags = issues["verdict"].to_numpy() == "error"
     worst = sim.vendor == int(np.argmax(truth))
     p_error = issues["p_error"].to_numpy()

@@ -76,7 +76,8 @@ def test_scorecard_and_issue_tables_follow_the_contract():
     embeddings = np.random.default_rng(0).normal(size=(len(given), 16))
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     result, issues = run_audit(rows, probs, embeddings, classes, n_boot=20)
-    assert list(issues.columns) == ISSUE_COLUMNS
+    assert list(issues.columns) == ISSUE_COLUMNS + ["cleanlab_flag"]
+    assert issues["cleanlab_flag"].dtype == bool and len(result.baseline_rates) == 2
     assert set(issues["verdict"]) <= {"ok", "error", "ambiguous", "outlier"}
     card = build_scorecard(result.vendors, np.repeat([0, 1], 400), issues["verdict"].to_numpy(), result.rates)
     assert list(card.columns) == SCORECARD_COLUMNS + ["ambiguous_rate"]
