@@ -48,7 +48,7 @@ def render_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, provenance
                   plots: dict[str, str], top_issues: pd.DataFrame) -> str:
     """The report as Markdown; ``plots`` maps vendor to a PNG path relative to the report."""
     shown = scorecard.drop(columns=["dataset_version", "model_version"], errors="ignore")  # in the header line
-    for column in ("error_rate", "error_rate_low", "error_rate_high", "ambiguous_rate"):
+    for column in ("error_rate", "error_rate_low", "error_rate_high", "ambiguous_rate", "cleanlab_error_rate"):
         if column in shown:
             shown[column] = (100 * shown[column]).map(lambda v: f"{v:.1f}%")
     lines = [
