@@ -147,6 +147,19 @@ def _mlflow_ui(args) -> None:
     sys.exit(subprocess.call(command, env=env))
 
 
+def _without_home(argv: list[str]) -> list[str]:
+    """Command-line words without ``--home DIR`` (a machine-specific path), for reproduce lines."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--home":
+            skip = True
+        elif not word.startswith("--home="):
+            kept.append(word)
+    return kept
+
+
 def _bench(args) -> None:
     import shlex
     import time
@@ -161,7 +174,7 @@ def _bench(args) -> None:
     summaries = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
     tables = format_tables(summaries)
     print(tables)
-    command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in sys.argv[2:] if not a.startswith("--home"))
+    command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_home(sys.argv[2:]))
     text = (f"# Benchmarks\n\nReproduce with `{command.strip()}` (trained outputs are cached under "
             f"`<home>/bench-cache`; {(time.perf_counter() - started) / 60:.0f} min for this run).\n"
             f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST "
@@ -182,7 +195,7 @@ def _bench_incremental(args) -> None:
     overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
     rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
                                      args.full_up_to, overrides, run_audit)
-    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in _without_home(sys.argv[2:]))
     text = format_incremental(rows, command.strip(), f"{args.per_batch} images a batch, "
                               f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
     print(text)
