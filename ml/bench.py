@@ -157,6 +157,8 @@ def summarize(scenario: Scenario, runs: list[dict]) -> dict:
         "mae_per_vendor": abs_error.mean(axis=0), "baseline_mae_per_vendor": baseline_error.mean(axis=0),
         "mae": float(abs_error.mean()), "baseline_mae": float(baseline_error.mean()),
         "coverage": float(covered.mean()), "mean_width": float(100 * (stack["high"] - stack["low"]).mean()),
+        # for vendors with no error at all: how often the interval reaches 0 (to 0.05 points)
+        "zero_reached": float((stack["low"][stack["truth"] == 0] <= 5e-4).mean()) if (stack["truth"] == 0).any() else np.nan,
         "exact_ranking": mean("exact_ranking"), "baseline_exact_ranking": mean("baseline_exact_ranking"),
         "pair_accuracy": float(np.mean(pairs)) if pairs else np.nan,
         "baseline_pair_accuracy": float(np.mean(baseline_pairs)) if baseline_pairs else np.nan,
@@ -177,16 +179,18 @@ def _pct(values) -> str:
 def format_tables(summaries: list[dict]) -> str:
     """Markdown: a vendor-rate table and a detection table, ours beside cleanlab's (``ours | cleanlab``)."""
     rates = ["| scenario | seeds | vendors | true rate % | estimated % (ours \\| cleanlab) | MAE per vendor, points (ours \\| cleanlab) "
-             "| MAE all | 95% coverage | mean width | exact ranking | pair order (>=3 pts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MAE all | 95% coverage | mean width | 0% vendor: interval reaches 0 | exact ranking | pair order (>=3 pts) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     detect = ["| scenario | precision | recall | F1 | F1 worst vendor | AUROC | AP | ambiguous billed | top-1 acc | set acc | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
+        zero = "n/a" if np.isnan(s["zero_reached"]) else f"{100 * s['zero_reached']:.0f}%"
         rates.append(
             f"| {s['scenario']} {s['title']} | {s['seeds']} | {', '.join(s['vendors'])} | {_pct(s['mean_truth'])} "
             f"| {_pct(s['mean_estimate'])} \\| {_pct(s['mean_baseline'])} "
             f"| {_pct(s['mae_per_vendor'])} \\| {_pct(s['baseline_mae_per_vendor'])} "
             f"| {s['mae']:.2f} \\| {s['baseline_mae']:.2f} | {100 * s['coverage']:.0f}% | {s['mean_width']:.1f} "
+            f"| {zero} "
             f"| {100 * s['exact_ranking']:.0f}% \\| {100 * s['baseline_exact_ranking']:.0f}% "
             f"| {100 * s['pair_accuracy']:.0f}% \\| {100 * s['baseline_pair_accuracy']:.0f}% |")
 

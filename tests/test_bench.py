@@ -1,0 +1,23 @@
+"""The benchmark's bookkeeping on a real (small) run: figures in range, cache reused, tables formed."""
+
+import numpy as np
+
+from ml.bench import SCENARIOS, BenchConfig, _ranking_metrics, format_tables, run_seed, summarize
+
+
+def test_ranking_metrics():
+    assert _ranking_metrics(np.array([0.01, 0.04, 0.3]), np.array([0.0, 0.05, 0.2])) == (1.0, [True, True, True])
+    exact, pairs = _ranking_metrics(np.array([0.06, 0.04, 0.3]), np.array([0.0, 0.05, 0.2]))
+    assert exact == 0.0 and pairs == [False, True, True]
+
+
+def test_one_seed_of_the_digits_scenario(tmp_path):
+    config = BenchConfig(seeds=1, folds=2, digits_epochs=6, bootstrap=10, cache=tmp_path)
+    run = run_seed(SCENARIOS["E"], 0, config)
+    np.testing.assert_allclose(run["truth"], [0 / 550, 28 / 550, 110 / 550])  # exactly round(rate * 550) wrong
+    assert 0 <= run["auroc"] <= 1 and run["top1"] > 0.5 and run["top1"] == run["set_accuracy"]
+    assert len(list(tmp_path.glob("E-s0-*.npz"))) == 1
+    again = run_seed(SCENARIOS["E"], 0, config)  # from the cache: same outputs, same figures
+    np.testing.assert_array_equal(again["estimate"], run["estimate"])
+    table = format_tables([summarize(SCENARIOS["E"], [run])])
+    assert "| E digits" in table and table.count("\n|") >= 6
