@@ -13,7 +13,7 @@ DEBIAN_PACKAGES := dataset-fashion-mnist chromium
 system-packages:
 	@if ! dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEBIAN_PACKAGES); \
 	fi
 
 $(STAMP): pyproject.toml
