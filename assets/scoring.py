@@ -19,7 +19,7 @@ from ml.scorecard import build_scorecard, compare_vendors
 from ml.train import score_images
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
-    ModelOutputs, batch_scores_path, champion_outputs, load_ensemble, load_outputs, save_batch_scores,
+    ModelOutputs, batch_scores_path, champion_outputs, load_ensemble, load_image_ids, save_batch_scores,
 )
 
 
@@ -54,7 +54,7 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
     if champion is None:
         return dg.MaterializeResult(metadata={"scored_by": "none yet: the first training covers this delivery"})
     rows, images = load_curated_delivery(audit_home.curated, vendor, batch)
-    trained_on = set(load_outputs(audit_home.models, champion["dataset_version"], champion["head"]).image_ids)
+    trained_on = set(load_image_ids(audit_home.models, champion["dataset_version"], champion["head"]))
     if rows["image_id"].isin(trained_on).all():
         return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']} out-of-fold"})
     ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"],

@@ -56,6 +56,12 @@ def load_outputs(models_dir: Path, dataset_version: str, head: str) -> ModelOutp
     return _load_npz(models_dir / dataset_version / f"oof-{head}.npz")
 
 
+def load_image_ids(models_dir: Path, dataset_version: str, head: str) -> np.ndarray:
+    """(N,) ids of the images a head was trained on; reads only that array of the outputs file."""
+    with np.load(models_dir / dataset_version / f"oof-{head}.npz", allow_pickle=False) as data:
+        return data["image_ids"]
+
+
 def load_selection(models_dir: Path, dataset_version: str) -> dict | None:
     path = models_dir / dataset_version / "selection.json"
     return json.loads(path.read_text()) if path.is_file() else None
