@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ml.estimate import NoiseModel, VendorRates, fit_noise_model, vendor_error_rates
-from ml.issues import VerdictRules, cleanlab_baseline, label_verdicts
+from ml.issues import VerdictRules, cleanlab_baseline, counted_as_error, label_verdicts
 
 ISSUE_COLUMNS = ["image_id", "vendor", "batch", "given_label", "suggested_label", "p_error", "verdict"]
 
@@ -26,7 +26,9 @@ class AuditResult:
         buffer = io.BytesIO()
         np.savez(buffer, vendors=np.array(self.vendors), confusion=self.model.confusion,
                  temperature=self.model.temperature, rate=self.rates.rate, low=self.rates.low,
-                 high=self.rates.high, bootstrap=self.rates.bootstrap, baseline_rates=self.baseline_rates)
+                 high=self.rates.high, bootstrap=self.rates.bootstrap, raw_rate=self.rates.raw,
+                 sensitivity=self.rates.sensitivity, false_positive=self.rates.false_positive,
+                 baseline_rates=self.baseline_rates)
         return buffer.getvalue()
 
 
@@ -40,7 +42,7 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
     vendor = rows["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
     model = fit_noise_model(probs, given, vendor, len(vendors))
     verdicts = label_verdicts(model, given, embeddings, rules)
-    rates = vendor_error_rates(probs, given, vendor, counted=~verdicts["ambiguous"], n_boot=n_boot, seed=seed)
+    rates = vendor_error_rates(probs, given, vendor, model, counted_as_error(rules), n_boot=n_boot, seed=seed)
     baseline_rates, baseline_flags = cleanlab_baseline(probs, given, vendor)
     names = np.array(classes)
     issues = pd.DataFrame({

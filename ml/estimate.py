@@ -9,12 +9,15 @@ each image's true class and the vendors' matrices.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 
 EPS = 1e-6
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,37 +114,103 @@ def fit_noise_model(
 
 @dataclass
 class VendorRates:
-    """Per vendor (V,): estimated error rate and its 95% interval (fractions)."""
+    """Per vendor (V,): estimated error rate and its 95% interval (fractions).
+
+    ``raw`` is the mean probability of error before the sensitivity correction; ``sensitivity`` the
+    mean probability of error the estimator gives to labels known to be wrong (flips injected into each
+    vendor's own labels); ``false_positive`` the model-implied probability of error on correct labels."""
 
     rate: np.ndarray
     low: np.ndarray
     high: np.ndarray
     bootstrap: np.ndarray  # (B, V) bootstrap replicates of the rates
+    raw: np.ndarray
+    sensitivity: np.ndarray
+    false_positive: np.ndarray
+
+
+CountedOf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+MIN_SLOPE = 0.2  # below this the detector barely tells wrong labels from right ones
+
+
+def _all_counted(clean_prior: np.ndarray, labels: np.ndarray, p_error: np.ndarray) -> np.ndarray:
+    return np.ones(len(labels), bool)
+
+
+def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
+                         counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 3,
+                         seed: int = 0) -> np.ndarray:
+    """(V,) mean counted probability of error the estimator gives labels known to be wrong.
+
+    Out-of-fold probabilities do not depend on an image's own label, so flipping a random ``share`` of
+    each vendor's labels to another class makes errors whose positions are known, without retraining.
+    The noise model is refitted on the flipped labels (warm-started), so that flipped labels, like real
+    errors, shape the confusion counts that judge them, and the flipped images' counted p_error is
+    averaged per vendor over ``repeats`` draws. The flips raise each vendor's noise by ``share``, which
+    makes the measure read a few points high (measured in tests/test_estimate.py).
+    """
+    n_vendors = model.confusion.shape[0]
+    k = probs.shape[1]
+    rng = np.random.default_rng(seed)
+    found = np.zeros(n_vendors)
+    injected = np.zeros(n_vendors)
+    for _ in range(repeats):
+        flipped = rng.random(len(given)) < share
+        labels = given.copy()
+        labels[flipped] = (given[flipped] + rng.integers(1, k, int(flipped.sum()))) % k
+        refit = fit_noise_model(probs, labels, vendor, n_vendors, initial_confusion=model.confusion,
+                                temperature=model.temperature)
+        p_error = refit.p_error(labels)
+        score = p_error * counted_of(refit.clean_prior, labels, p_error)
+        found += np.bincount(vendor, weights=score * flipped, minlength=n_vendors)
+        injected += np.bincount(vendor, weights=flipped.astype(float), minlength=n_vendors)
+    return found / np.maximum(injected, 1)
 
 
 def vendor_error_rates(
     probs: np.ndarray,
     given: np.ndarray,
     vendor: np.ndarray,
-    counted: np.ndarray | None = None,
+    model: NoiseModel | None = None,
+    counted_of: CountedOf = _all_counted,
     n_boot: int = 200,
     seed: int = 0,
 ) -> VendorRates:
     """Estimated share of each vendor's images with a wrong label, with bootstrap 95% intervals.
 
-    ``counted`` (N,) bool marks images whose p_error counts as an error (ambiguous ones excluded);
-    the bootstrap resamples images within each vendor and refits the whole noise model.
+    The raw estimate, the mean counted p_error of a vendor's images, equals ``f + (s - f) * r`` for a
+    true rate ``r``, where ``s`` is the p_error the estimator gives a wrong label (measured by injected
+    flips) and ``f`` the p_error it gives a correct one (the noise model's own expectation). Inverting
+    that line removes the shrinkage of soft posteriors toward the middle; the bootstrap (images
+    resampled within each vendor, the whole noise model refitted) goes through the same line.
+
+    ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an error (ambiguous
+    images excluded); ``model`` is the fit on ``given`` when already at hand.
     """
     n_vendors = int(vendor.max()) + 1
-    counted = np.ones(len(given), bool) if counted is None else counted
+    model = fit_noise_model(probs, given, vendor, n_vendors) if model is None else model
+    counted = counted_of(model.clean_prior, given, model.p_error(given))
 
-    def rates(model: NoiseModel, weight: np.ndarray) -> np.ndarray:
-        err = model.p_error(given) * counted * weight
+    def rates(fit: NoiseModel, weight: np.ndarray) -> np.ndarray:
+        err = fit.p_error(given) * counted * weight
         return np.bincount(vendor, weights=err, minlength=n_vendors) / np.maximum(
             np.bincount(vendor, weights=weight, minlength=n_vendors), 1e-12)
 
-    full = fit_noise_model(probs, given, vendor, n_vendors)
-    point = rates(full, np.ones(len(given)))
+    raw = rates(model, np.ones(len(given)))
+    p_error = model.p_error(given) * counted
+    false_positive = np.bincount(vendor, weights=p_error * (1 - p_error), minlength=n_vendors) / np.maximum(
+        np.bincount(vendor, weights=1 - p_error, minlength=n_vendors), 1e-12)
+    sensitivity = injected_sensitivity(probs, given, vendor, model, counted_of, seed=seed)
+    slope = sensitivity - false_positive
+    if (slope < MIN_SLOPE).any():
+        log.warning("error detection is weak for vendors %s (slope %s): their rates are uncertain",
+                    np.flatnonzero(slope < MIN_SLOPE).tolist(), np.round(slope, 3).tolist())
+    slope = np.maximum(slope, MIN_SLOPE)
+
+    def corrected(values: np.ndarray) -> np.ndarray:
+        return np.clip((values - false_positive) / slope, 0, 1)
+
+    point = corrected(raw)
     rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
     boot = np.empty((n_boot, n_vendors))
@@ -150,10 +219,11 @@ def vendor_error_rates(
         weight = np.zeros(len(given))
         for g in groups:
             weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
-        model = fit_noise_model(probs, given, vendor, n_vendors, max_iter=25, tol=1e-5, sample_weight=weight,
-                                initial_confusion=full.confusion, temperature=full.temperature)
-        boot[b] = rates(model, weight)
+        refit = fit_noise_model(probs, given, vendor, n_vendors, max_iter=25, tol=1e-5, sample_weight=weight,
+                                initial_confusion=model.confusion, temperature=model.temperature)
+        boot[b] = corrected(rates(refit, weight))
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
     shift = point - boot.mean(axis=0)
-    return VendorRates(point, np.clip(low + shift, 0, 1), np.clip(high + shift, 0, 1), boot)
+    return VendorRates(point, np.clip(low + shift, 0, 1), np.clip(high + shift, 0, 1), boot, raw, sensitivity,
+                       false_positive)

@@ -49,14 +49,26 @@ def outlier_scores(embeddings: np.ndarray, neighbours: int = 10, chunk: int = 20
     return scores
 
 
+def ambiguity(clean_prior: np.ndarray, given: np.ndarray, p_error: np.ndarray,
+              rules: VerdictRules = VerdictRules()) -> tuple[np.ndarray, np.ndarray]:
+    """Per image (N,) bool: ``ambiguous`` (two or more plausible classes, the given one among them, and
+    real doubt) and ``given_plausible``, from the clean prior (N, K), labels (N,) and their p_error (N,)."""
+    plausible = plausible_sets(clean_prior, rules.plausible_share)
+    given_plausible = plausible[np.arange(len(given)), given]
+    ambiguous = given_plausible & (plausible.sum(axis=1) >= 2) & (p_error >= rules.doubt_threshold)
+    return ambiguous, given_plausible
+
+
+def counted_as_error(rules: VerdictRules = VerdictRules()):
+    """``counted_of`` for :func:`ml.estimate.vendor_error_rates`: every label but ambiguous ones."""
+    return lambda clean_prior, labels, p_error: ~ambiguity(clean_prior, labels, p_error, rules)[0]
+
+
 def label_verdicts(model: NoiseModel, given: np.ndarray, embeddings: np.ndarray,
                    rules: VerdictRules = VerdictRules()) -> dict[str, np.ndarray]:
     """Per image (N,): ``p_error``, ``suggested`` (class index), ``verdict`` (str), ``ambiguous`` (bool)."""
-    rows = np.arange(len(given))
     p_error = model.p_error(given)
-    plausible = plausible_sets(model.clean_prior, rules.plausible_share)
-    given_plausible = plausible[rows, given]
-    ambiguous = given_plausible & (plausible.sum(axis=1) >= 2) & (p_error >= rules.doubt_threshold)
+    ambiguous, given_plausible = ambiguity(model.clean_prior, given, p_error, rules)
     flagged = (p_error >= rules.error_threshold) & ~given_plausible
     similarity = outlier_scores(embeddings, rules.neighbours)
     median = np.median(similarity)

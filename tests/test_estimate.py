@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS, run_audit
-from ml.estimate import fit_noise_model, fit_temperature, apply_temperature, vendor_error_rates
+from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, injected_sensitivity,
+                         vendor_error_rates)
 from ml.issues import cleanlab_baseline
 from ml.scorecard import SCORECARD_COLUMNS, build_scorecard, compare_vendors
 
@@ -52,6 +53,29 @@ def test_noise_model_recovers_vendor_rates_where_cleanlab_overstates():
     # the posterior ranks real errors first
     wrong = given != true
     assert p_error[wrong].mean() > 0.6 > 0.1 > p_error[~wrong].mean()
+
+
+def test_injected_flips_measure_how_much_of_a_real_error_the_estimator_counts():
+    probs, given, true, vendor = synthetic([0.0, 0.1, 0.2])
+    model = fit_noise_model(probs, given, vendor)
+    injected = injected_sensitivity(probs, given, vendor, model, repeats=4)
+    p_error = model.p_error(given)
+    for v in (1, 2):  # vendors with real errors: the injected flips stand in for them
+        real = p_error[(vendor == v) & (given != true)].mean()
+        # the flips add to the vendor's noise, which loosens its confusion: a little above, never below
+        assert -0.02 < injected[v] - real < 0.1, (v, injected[v], real)
+    assert np.all((0.3 < injected) & (injected < 1.0))
+
+
+def test_sensitivity_correction_keeps_rates_on_the_truth_with_covering_intervals():
+    probs, given, true, vendor = synthetic([0.0, 0.05, 0.2])
+    result = vendor_error_rates(probs, given, vendor, n_boot=40)
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
+    assert np.all(np.abs(result.rate - truth) < 0.02), (result.rate, truth)
+    assert np.all((result.low <= truth) & (truth <= result.high)), (result.low, result.high, truth)
+    # the line raw = f + (s - f) * rate that the correction inverts
+    np.testing.assert_allclose(result.raw, result.false_positive + (result.sensitivity - result.false_positive)
+                               * result.rate, atol=1e-9)
 
 
 def test_intervals_cover_and_pairwise_tests_separate_distinct_vendors():
