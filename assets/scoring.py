@@ -118,7 +118,8 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     champion = _require_champion(mlflow_tracking)
     with np.load(audit_home.reports / "audit.npz", allow_pickle=False) as saved:
         vendors = [str(v) for v in saved["vendors"]]
-        rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"])
+        rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
+                            saved["sensitivity"], saved["false_positive"])
         confusion = saved["confusion"]
         baseline_rates = saved["baseline_rates"]
     issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)

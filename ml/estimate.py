@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import scipy.sparse
 from scipy.optimize import minimize_scalar
 
 EPS = 1e-6
@@ -91,17 +92,18 @@ def fit_noise_model(
         if initial_confusion is None else initial_confusion.copy()
     vendor_share = np.bincount(vendor, weights=weight, minlength=n_vendors) / weight.sum()
     cell = vendor * k + given  # which (vendor, given label) column each image adds to
+    # summing images into their cells is one sparse product: (V*K cells, N) @ (N, K)
+    cells = scipy.sparse.csr_matrix((weight, (cell, np.arange(n))), shape=(n_vendors * k, n))
     previous = None
     for iteration in range(1, max_iter + 1):
         mean_confusion = np.tensordot(vendor_share, confusion, axes=1)
         clean = noisy @ np.linalg.pinv(mean_confusion)
         np.clip(clean, EPS, None, out=clean)
         clean /= clean.sum(axis=1, keepdims=True)
-        posterior = clean * confusion[vendor, :, given]  # C_v[k, given_i] for every k: (N, K)
+        columns = confusion.transpose(0, 2, 1).reshape(n_vendors * k, k)  # row v*K+g: C_v[:, g]
+        posterior = clean * columns[cell]
         posterior /= posterior.sum(axis=1, keepdims=True)
-        weighted = posterior * weight[:, None]
-        counts = np.stack([np.bincount(cell, weights=weighted[:, j], minlength=n_vendors * k) for j in range(k)])
-        counts = counts.reshape(k, n_vendors, k).transpose(1, 0, 2)  # (V, K true, K given)
+        counts = (cells @ posterior).reshape(n_vendors, k, k).transpose(0, 2, 1)  # (V, K true, K given)
         diag = np.trace(counts, axis1=1, axis2=2) / np.maximum(counts.sum(axis=(1, 2)), EPS)
         pseudo = prior_strength * (diag[:, None, None] * eye + (1 - diag[:, None, None]) * (1 - eye) / (k - 1))
         counts = counts + pseudo

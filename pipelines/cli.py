@@ -46,13 +46,22 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     """Ingest and score every new complete delivery, then refresh the scorecard; train when there is
     no model yet or ``retrain`` is asked. Returns the scorecard."""
     from ml.config import load_settings
+    from pipelines.locks import exclusive
+
+    load_settings(home)  # a missing or invalid settings file stops here, before anything runs
+    # one audit of a home at a time: a second `run` (a batch landing mid-run, the schedule) waits,
+    # then finds what the first left to do
+    with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
+        return _run_audit_locked(home, retrain)
+
+
+def _run_audit_locked(home: Path, retrain: bool) -> pd.DataFrame:
     from ml.delivery import changed_deliveries, load_curated_rows
     from pipelines.store import champion_outputs
     from pipelines.automation import new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
 
-    load_settings(home)  # a missing or invalid settings file stops here, before anything runs
     instance = open_instance(home)
     defs = build_definitions(str(home))
     audit_home = AuditHome(home=str(home))

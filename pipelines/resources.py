@@ -13,6 +13,7 @@ import dagster as dg
 import yaml
 
 from ml.config import Settings, load_settings
+from pipelines.locks import exclusive
 
 
 class AuditHome(dg.ConfigurableResource):
@@ -160,6 +161,11 @@ class DvcRepo(dg.ConfigurableResource):
         if not (root / "dvc.yaml").is_file():
             (root / "dvc.yaml").write_text(DVC_PIPELINE)
 
+    def _exclusive(self):
+        """One DVC operation at a time per repository, across processes: DVC's own lock makes a second
+        command fail at once instead of waiting."""
+        return exclusive(self.audit_home.root / ".locks" / "dvc.lock", "the DVC repository")
+
     def commit_stage(self, stage: str) -> None:
         """Record a stage's current dependencies and outputs in dvc.lock without re-running it.
 
@@ -167,14 +173,16 @@ class DvcRepo(dg.ConfigurableResource):
         """
         if os.environ.get("DVC_STAGE"):
             return
-        self._dvc("commit", "-f", stage)
+        with self._exclusive():
+            self._dvc("commit", "-f", stage)
 
     def snapshot(self, folder: str) -> str:
         """``dvc add`` the folder (relative to the home), push it, and return its version (the DVC md5)."""
-        self.ensure_repo()
-        self._dvc("add", "-q", folder)
-        self._dvc("push", "-q")
-        return self.version_of(folder)
+        with self._exclusive():
+            self.ensure_repo()
+            self._dvc("add", "-q", folder)
+            self._dvc("push", "-q")
+            return self.version_of(folder)
 
     def version_of(self, folder: str) -> str:
         meta = yaml.safe_load((self.audit_home.root / f"{folder}.dvc").read_text())

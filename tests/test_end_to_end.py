@@ -106,3 +106,30 @@ def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home,
     after = {r.dagster_run.run_id for r in instance.get_run_records()}
     assert main(["run", "--home", str(audited_home)]) == 0
     assert {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()} == after
+
+
+def test_two_deliveries_landing_at_once_are_both_ingested_once(audited_home):
+    """Runs after the single-delivery test: two deliveries land together and two `run` processes start
+    at the same moment (a sensor tick and a person at the terminal)."""
+    digits = load_digits_upscaled()
+    simulate_deliveries(digits, {"e": 0.1}, 120, audited_home, seed=11, batch="batch-003")
+    simulate_deliveries(digits, {"f": 0.0}, 80, audited_home, seed=12, batch="batch-003")
+    before = {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()}
+    command = [sys.executable, "-m", "pipelines.cli", "run", "--home", str(audited_home)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    assert sum("waiting for the audit of" in out for out in outputs) == 1  # the second waited its turn
+
+    instance = open_instance(audited_home)
+    done = _materialized(instance, before)
+    assert done["vendor_delivery"] == {"e.batch-003", "f.batch-003"}
+    ingestions = [r for r in instance.get_run_records() if r.dagster_run.run_id not in before
+                  and r.dagster_run.job_name == "ingest_deliveries"]
+    assert sorted(r.dagster_run.tags["dagster/partition"] for r in ingestions) == ["e.batch-003", "f.batch-003"]
+    issues = pd.read_csv(audited_home / "reports" / "label_issues.csv", dtype=str)
+    assert issues["image_id"].is_unique
+    assert issues["vendor"].value_counts()[["e", "f"]].tolist() == [120, 80]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=audited_home, capture_output=True, text=True)
+    assert status.returncode == 0 and "changed" not in status.stdout, status.stdout

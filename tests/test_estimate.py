@@ -6,7 +6,7 @@ import pandas as pd
 from ml.audit import ISSUE_COLUMNS, run_audit
 from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, injected_sensitivity,
                          vendor_error_rates)
-from ml.issues import cleanlab_baseline
+from ml.issues import cleanlab_baseline, outlier_scores
 from ml.scorecard import SCORECARD_COLUMNS, build_scorecard, compare_vendors
 
 
@@ -107,3 +107,22 @@ def test_scorecard_and_issue_tables_follow_the_contract():
     assert list(card.columns) == SCORECARD_COLUMNS + ["ambiguous_rate"]
     assert card["vendor"].tolist() == ["v0", "v1"] and card["rank"].tolist() == [1, 2]
     assert card.loc[1, "n_flagged"] > card.loc[0, "n_flagged"]
+
+
+def test_outlier_scores_against_a_reference_sample_find_the_odd_images():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 32))
+    embeddings = centres[rng.integers(0, 10, 6000)] + 0.3 * rng.normal(size=(6000, 32))
+    odd = rng.choice(6000, 5, replace=False)
+    embeddings[odd] = rng.normal(size=(5, 32)) * 3  # far from every cluster
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    sampled = outlier_scores(embeddings, reference_size=1000)
+    assert set(np.argsort(sampled)[:5]) == set(odd)
+    # small collections compare with every other image, never with themselves
+    small = embeddings[:300]
+    everyone = small @ small.T
+    np.fill_diagonal(everyone, -np.inf)
+    expected = np.sort(everyone, axis=1)[:, -10:].mean(axis=1)
+    np.testing.assert_allclose(outlier_scores(small), expected, rtol=1e-5)
+    # the sample excludes each image from its own neighbours too
+    assert np.all(sampled < 0.999)
