@@ -175,8 +175,7 @@ def _bench(args) -> None:
 
     from ml.bench import BenchConfig, format_tables, run_benchmark
 
-    logging.getLogger("ml").addHandler(log.handlers[0])
-    logging.getLogger("ml").setLevel(logging.INFO)
+    _console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
                          bootstrap=args.bootstrap, cache=args.home / "bench-cache")
     started = time.perf_counter()
@@ -268,12 +267,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each line (tests and tools replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _console_logging(*names: str) -> None:
+    """Log these loggers' INFO lines to stderr, once per process, and not again through the root
+    logger (which some libraries configure). ml's own lines reach the console through Dagster's managed
+    loggers during runs."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if any(getattr(h, "vendor_audit", False) for h in logger.handlers):
+            continue
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.vendor_audit = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    # ml's own log lines reach the console through Dagster's managed loggers during runs
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    _console_logging("vendor_audit", "pipelines")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)

@@ -1,5 +1,6 @@
 """Serialised work on one home: the file lock itself, and DVC operations from concurrent callers."""
 
+import logging
 import subprocess
 import sys
 import threading
@@ -25,10 +26,13 @@ def test_a_second_holder_waits_for_the_first_and_says_so(tmp_path, caplog):
     try:
         assert holder.stdout.readline().strip() == "held"
         started = time.monotonic()
+        logger = logging.getLogger("pipelines.locks")
+        logger.addHandler(caplog.handler)  # the CLI stops its loggers from propagating to the root
         with caplog.at_level("INFO", logger="pipelines.locks"), exclusive(path, "the test resource"):
             waited = time.monotonic() - started
             assert f"pid {holder.pid}" in caplog.text and "waiting for the test resource" in caplog.text
     finally:
+        logger.removeHandler(caplog.handler)
         holder.wait(timeout=30)
     assert waited > 0.5
 
