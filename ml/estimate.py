@@ -65,7 +65,7 @@ def fit_noise_model(
     n_vendors: int | None = None,
     prior_strength: float = 2.0,
     max_iter: int = 500,
-    tol: float = 1e-6,
+    tol: float = 1e-5,
     initial_confusion: np.ndarray | None = None,
     sample_weight: np.ndarray | None = None,
     temperature: float | None = None,
@@ -160,7 +160,7 @@ def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarra
         flipped = rng.random(len(given)) < share
         labels = given.copy()
         labels[flipped] = (given[flipped] + rng.integers(1, k, int(flipped.sum()))) % k
-        refit = fit_noise_model(probs, labels, vendor, n_vendors, initial_confusion=model.confusion,
+        refit = fit_noise_model(probs, labels, vendor, n_vendors, max_iter=100, initial_confusion=model.confusion,
                                 temperature=model.temperature)
         p_error = refit.p_error(labels)
         score = p_error * counted_of(refit.clean_prior, labels, p_error)
