@@ -99,6 +99,9 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
         "model_trained_on": champion["dataset_version"],
         "verdicts": dg.MetadataValue.json({k: int(v) for k, v in counts.items()}),
         "noise_model_temperature": float(result.model.temperature),
+        # how much of a known wrong label each vendor's estimate counts (the sensitivity correction)
+        "detection_sensitivity": dg.MetadataValue.json(
+            {v: round(float(x), 4) for v, x in zip(result.vendors, result.rates.sensitivity)}),
         "most_likely_errors": _table(worst),
         "path": dg.MetadataValue.path(str(audit_home.reports / "label_issues.csv")),
     })

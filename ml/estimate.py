@@ -4,7 +4,8 @@ Each vendor ``v`` is a Dawid-Skene annotator with a confusion matrix ``C_v[true,
 classifier was trained on the vendors' noisy labels, so its calibrated probabilities estimate
 ``P(given | x) = P(true | x) @ T`` with ``T`` the image-weighted mean of the vendors' matrices; the
 clean class prior is recovered as ``P(given | x) @ inv(T)``. EM alternates between the posterior of
-each image's true class and the vendors' matrices.
+each image's true class and the vendors' matrices. Vendor rates are then corrected for how much of
+a wrong label the posterior counts, measured with errors injected on purpose (docs/method.md).
 """
 
 from __future__ import annotations
@@ -186,17 +187,17 @@ def vendor_error_rates(
     that line removes the shrinkage of soft posteriors toward the middle; the bootstrap (images
     resampled within each vendor, the whole noise model refitted) goes through the same line.
 
-    ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an error (ambiguous
-    images excluded); ``model`` is the fit on ``given`` when already at hand.
+    ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an
+    error (ambiguous images excluded); ``model`` is the fit on ``given`` when already at hand.
     """
     n_vendors = int(vendor.max()) + 1
     model = fit_noise_model(probs, given, vendor, n_vendors) if model is None else model
     counted = counted_of(model.clean_prior, given, model.p_error(given))
 
-    def rates(fit: NoiseModel, weight: np.ndarray) -> np.ndarray:
-        err = fit.p_error(given) * counted * weight
-        return np.bincount(vendor, weights=err, minlength=n_vendors) / np.maximum(
-            np.bincount(vendor, weights=weight, minlength=n_vendors), 1e-12)
+    def rates(fit: NoiseModel, weight: np.ndarray, kept: np.ndarray | slice = slice(None)) -> np.ndarray:
+        err = fit.p_error(given[kept]) * counted[kept] * weight
+        return np.bincount(vendor[kept], weights=err, minlength=n_vendors) / np.maximum(
+            np.bincount(vendor[kept], weights=weight, minlength=n_vendors), 1e-12)
 
     raw = rates(model, np.ones(len(given)))
     p_error = model.p_error(given) * counted
@@ -221,9 +222,11 @@ def vendor_error_rates(
         weight = np.zeros(len(given))
         for g in groups:
             weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
-        refit = fit_noise_model(probs, given, vendor, n_vendors, max_iter=25, tol=1e-5, sample_weight=weight,
-                                initial_confusion=model.confusion, temperature=model.temperature)
-        boot[b] = corrected(rates(refit, weight))
+        kept = np.flatnonzero(weight)  # about 37% of images are not drawn: leave them out of the refit
+        refit = fit_noise_model(probs[kept], given[kept], vendor[kept], n_vendors, max_iter=25, tol=1e-5,
+                                sample_weight=weight[kept], initial_confusion=model.confusion,
+                                temperature=model.temperature)
+        boot[b] = corrected(rates(refit, weight[kept], kept))
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
     shift = point - boot.mean(axis=0)
