@@ -80,3 +80,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     from ml.delivery import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of the Markdown
+    file at ``path``, keeping everything else; append the marked section when the file has none."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}\n"
+    current = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if start in current and end in current:
+        before, rest = current.split(start, 1)
+        updated = before + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        updated = current + ("\n" if current and not current.endswith("\n") else "") + block
+    write_text_atomic(path, updated)

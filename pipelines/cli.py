@@ -183,21 +183,20 @@ def _bench(args) -> None:
     tables = format_tables(summaries)
     print(tables)
     command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_home(sys.argv[2:]))
-    text = (f"# Benchmarks\n\nReproduce with `{command.strip()}` (trained outputs are cached under "
-            f"`<home>/bench-cache`; {(time.perf_counter() - started) / 60:.0f} min for this run).\n"
-            f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST "
-            f"(20 on digits), CPU. Each cell: ours \\| cleanlab's defaults on the same out-of-fold probabilities.\n\n"
-            + tables)
-    from ml.report import write_text_atomic
+    text = (f"## `{command.strip()}`\n\n"
+            f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU; "
+            f"{(time.perf_counter() - started) / 60:.0f} min for this run. Each cell: ours \\| cleanlab's defaults "
+            f"on the same out-of-fold probabilities.\n\n" + tables)
+    from ml.report import write_section
 
-    write_text_atomic(args.output, text)
+    write_section(args.output, "bench", text)
     log.info("wrote %s", args.output)
 
 
 def _bench_incremental(args) -> None:
     import shlex
 
-    from ml.report import write_text_atomic
+    from ml.report import write_section
     from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
 
     overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
@@ -207,7 +206,7 @@ def _bench_incremental(args) -> None:
     text = format_incremental(rows, command.strip(), f"{args.per_batch} images a batch, "
                               f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
     print(text)
-    write_text_atomic(args.output, text)
+    write_section(args.output, "bench-incremental", text)
 
 
 def _screenshots(args) -> None:
@@ -248,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax")
     p.add_argument("--bootstrap", type=int, default=100)
-    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"))
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench section is replaced (created if missing)")
     p = add("bench-incremental", "time new-batch scoring against full re-runs as batches accumulate")
     p.add_argument("--checkpoints", default="1,5,20")
     p.add_argument("--per-batch", type=int, default=2000)
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--heads", default="softmax,l2softmax")
-    p.add_argument("--output", type=Path, default=Path("BENCHMARKS-incremental.md"))
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-incremental section is replaced (created if missing)")
     p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
     p.add_argument("--out", type=Path, default=Path("docs/img"))
     for name, help_text, port in (("ui", "start the Dagster UI (dagster dev) on this home", 3000),

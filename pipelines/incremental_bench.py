@@ -51,7 +51,7 @@ def run_incremental_benchmark(home: Path, checkpoints: list[int], per_batch: int
 
 
 def format_incremental(rows: list[dict], command: str, note: str) -> str:
-    lines = ["### Incremental scoring", "", f"`{command}` ({note})", "",
+    lines = ["## Incremental scoring", "", f"`{command}` ({note})", "",
              "| batches already ingested | images | new batch: _READY to scorecard (s) | full re-run (s) |",
              "|---|---|---|---|"]
     for r in rows:

@@ -21,3 +21,18 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     np.testing.assert_array_equal(again["estimate"], run["estimate"])
     table = format_tables([summarize(SCENARIOS["E"], [run])])
     assert "| E digits" in table and table.count("\n|") >= 6
+
+
+def test_each_benchmark_replaces_only_its_own_section(tmp_path):
+    from ml.report import write_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nHand-written introduction.\n")
+    write_section(path, "bench", "## accuracy\n\nfirst")
+    write_section(path, "bench-incremental", "## incremental\n\ntimings")
+    write_section(path, "bench", "## accuracy\n\nsecond")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nHand-written introduction.\n")
+    assert "second" in text and "first" not in text and "timings" in text
+    assert text.index("second") < text.index("timings")  # replaced in place, not moved
+    assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench-incremental:end -->") == 1
