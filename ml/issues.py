@@ -46,14 +46,16 @@ def outlier_scores(embeddings: np.ndarray, neighbours: int = 10, reference_size:
     if k < 1:
         return np.ones(n)
     e = embeddings.astype(np.float32)
-    reference = np.sort(np.random.default_rng(seed).choice(n, reference_size, replace=False)) \
+    reference = np.random.default_rng(seed).choice(n, reference_size, replace=False) \
         if n > reference_size else np.arange(n)
+    column_of = np.full(n, -1)  # each image's column in the reference, -1 when not sampled
+    column_of[reference] = np.arange(len(reference))
     scores = np.empty(n)
     for start in range(0, n, chunk):
         sim = e[start:start + chunk] @ e[reference].T
-        own = np.searchsorted(reference, np.arange(start, start + len(sim)))  # an image is not its own neighbour
-        own_in = (own < len(reference)) & (reference[np.minimum(own, len(reference) - 1)] == np.arange(start, start + len(sim)))
-        sim[np.flatnonzero(own_in), own[own_in]] = -np.inf
+        own = column_of[start:start + len(sim)]  # an image is not its own neighbour
+        sampled = np.flatnonzero(own >= 0)
+        sim[sampled, own[sampled]] = -np.inf
         top = np.partition(sim, -k, axis=1)[:, -k:]
         scores[start:start + chunk] = top.mean(axis=1)
     return scores
