@@ -95,7 +95,7 @@ def label_verdicts(model: NoiseModel, given: np.ndarray, embeddings: np.ndarray,
 
 
 def cleanlab_baseline(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's defaults on the same probabilities: per-vendor ``num_label_issues`` rate (V,), and
+    """cleanlab's defaults (but ``n_jobs=1``) on the same probabilities: per-vendor ``num_label_issues`` rate (V,), and
     ``find_label_issues`` flags (N,) bool over all images."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
@@ -105,5 +105,7 @@ def cleanlab_baseline(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray) 
     for v in range(n_vendors):
         members = vendor == v
         rates[v] = num_label_issues(given[members], probs[members]) / members.sum()
-    flags = find_label_issues(given, probs)
+    # one process: the result is the same, and a worker pool forked inside a Dagster step inherits
+    # Dagster's interrupt handlers, which can hang the pool's shutdown
+    flags = find_label_issues(given, probs, n_jobs=1)
     return rates, flags
