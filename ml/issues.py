@@ -95,8 +95,8 @@ def label_verdicts(model: NoiseModel, given: np.ndarray, embeddings: np.ndarray,
 
 
 def cleanlab_baseline(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's defaults (but ``n_jobs=1``) on the same probabilities: per-vendor ``num_label_issues`` rate (V,), and
-    ``find_label_issues`` flags (N,) bool over all images."""
+    """cleanlab's defaults (but ``n_jobs=1``) on the same probabilities: per-vendor ``num_label_issues``
+    rate (V,), and ``find_label_issues`` flags (N,) bool over all images."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
 
