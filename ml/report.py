@@ -90,7 +90,8 @@ def write_section(path: Path, name: str, text: str) -> None:
     current = path.read_text(encoding="utf-8") if path.is_file() else ""
     if start in current and end in current:
         before, rest = current.split(start, 1)
-        updated = before + block + rest.split(end, 1)[1].lstrip("\n")
+        after = rest.split(end, 1)[1].lstrip("\n")
+        updated = before + block + ("\n" + after if after else "")
     else:
         updated = current + ("\n" if current and not current.endswith("\n") else "") + block
     write_text_atomic(path, updated)

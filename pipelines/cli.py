@@ -156,15 +156,16 @@ def _mlflow_ui(args) -> None:
     sys.exit(subprocess.call(command, env=env))
 
 
-def _without_home(argv: list[str]) -> list[str]:
-    """Command-line words without ``--home DIR`` (a machine-specific path), for reproduce lines."""
+def _without_paths(argv: list[str]) -> list[str]:
+    """Command-line words without ``--home DIR`` and ``--output FILE`` (machine-specific paths), for
+    reproduce lines."""
     kept, skip = [], False
     for word in argv:
         if skip:
             skip = False
-        elif word == "--home":
+        elif word in ("--home", "--output"):
             skip = True
-        elif not word.startswith("--home="):
+        elif not word.startswith(("--home=", "--output=")):
             kept.append(word)
     return kept
 
@@ -182,7 +183,7 @@ def _bench(args) -> None:
     summaries = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
     tables = format_tables(summaries)
     print(tables)
-    command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_home(sys.argv[2:]))
+    command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
     text = (f"## `{command.strip()}`\n\n"
             f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU; "
             f"{(time.perf_counter() - started) / 60:.0f} min for this run. Each cell: ours \\| cleanlab's defaults "
@@ -202,7 +203,7 @@ def _bench_incremental(args) -> None:
     overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
     rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
                                      args.full_up_to, overrides, run_audit)
-    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in _without_home(sys.argv[2:]))
+    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
     text = format_incremental(rows, command.strip(), f"{args.per_batch} images a batch, "
                               f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
     print(text)
