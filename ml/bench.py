@@ -142,8 +142,9 @@ def summarize(scenario: Scenario, runs: list[dict]) -> dict:
     baseline_error = 100 * np.abs(stack["baseline"] - stack["truth"])
     covered = (stack["low"] <= stack["truth"] + 1e-12) & (stack["truth"] <= stack["high"] + 1e-12)
 
-    def mean(key: str) -> float:
-        return float(np.nanmean([r[key] for r in runs]))
+    def mean(key: str) -> float:  # nan when no seed has the figure (no ambiguous images in the scenario)
+        values = np.array([r[key] for r in runs], dtype=float)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else np.nan
 
     def mean_of(key: str, index: int) -> float:
         return float(np.mean([r[key][index] for r in runs]))
