@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -36,7 +38,10 @@ class Browser:
         self.port = free_port()
         command = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                    f"--remote-debugging-port={self.port}", "--remote-debugging-address=127.0.0.1", "about:blank"]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own process group: closing stops the renderer and helper processes too, before the
+        # profile folder is removed
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -66,12 +71,19 @@ class Browser:
 
     def close(self) -> None:
         self.socket.close()
-        self.process.terminate()
-        self.process.wait(timeout=20)
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=20)
+        except ProcessLookupError:  # the whole group has exited already
+            self.process.wait(timeout=20)
 
 
-def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0) -> str:
-    """Screenshot ``url`` into ``png`` once every expected name shows (pop-ups skipped); return the page text."""
+def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0, focus: str = "") -> str:
+    """Screenshot ``url`` into ``png`` once every expected name shows (pop-ups skipped), with the element
+    whose text is ``focus`` scrolled to the middle when given; return the page text."""
     with tempfile.TemporaryDirectory() as profile:
         browser = Browser(profile)
         try:
@@ -85,8 +97,14 @@ def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0)
                 if all(name in text for name in expected):
                     break
             time.sleep(settle)  # layout animations and late pop-ups
-            browser.evaluate("for (const b of document.querySelectorAll('button')) "
-                             "{ if (['Skip', 'Dismiss', 'Close'].includes(b.textContent.trim())) b.click(); }")
+            # pop-ups and side panels: buttons named Skip, Dismiss or Close, by their text or aria-label
+            browser.evaluate("for (const b of document.querySelectorAll('button')) { const name = "
+                             "(b.textContent.trim() || b.getAttribute('aria-label') || '').trim(); "
+                             "if (['Skip', 'Dismiss', 'Close'].includes(name)) b.click(); }")
+            if focus:
+                browser.evaluate(f"[...document.querySelectorAll('td, th, span, div')].reverse()"
+                                 f".find(e => e.textContent.trim() === {json.dumps(focus)})"
+                                 f"?.scrollIntoView({{block: 'center'}})")
             time.sleep(1.0)
             shot = browser.call("Page.captureScreenshot", format="png")
             png.write_bytes(base64.b64decode(shot["data"]))
@@ -121,6 +139,6 @@ def take_screenshots(home: Path, out: Path, logs: Path) -> list[Path]:
         ids = json.dumps([r["info"]["run_id"] for r in runs])
         png = out / "mlflow-run-comparison.png"
         capture(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}", png,
-                ("heldout_accuracy",))
+                ("heldout_accuracy",), focus="heldout_accuracy")
         shots.append(png)
     return shots
