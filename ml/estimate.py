@@ -192,7 +192,8 @@ def vendor_error_rates(
     """
     n_vendors = int(vendor.max()) + 1
     model = fit_noise_model(probs, given, vendor, n_vendors) if model is None else model
-    counted = counted_of(model.clean_prior, given, model.p_error(given))
+    p_error = model.p_error(given)
+    counted = counted_of(model.clean_prior, given, p_error)
 
     def rates(fit: NoiseModel, weight: np.ndarray, kept: np.ndarray | slice = slice(None)) -> np.ndarray:
         err = fit.p_error(given[kept]) * counted[kept] * weight
@@ -200,9 +201,9 @@ def vendor_error_rates(
             np.bincount(vendor[kept], weights=weight, minlength=n_vendors), 1e-12)
 
     raw = rates(model, np.ones(len(given)))
-    p_error = model.p_error(given) * counted
-    false_positive = np.bincount(vendor, weights=p_error * (1 - p_error), minlength=n_vendors) / np.maximum(
-        np.bincount(vendor, weights=1 - p_error, minlength=n_vendors), 1e-12)
+    counted_error = p_error * counted
+    false_positive = np.bincount(vendor, weights=counted_error * (1 - counted_error), minlength=n_vendors) / \
+        np.maximum(np.bincount(vendor, weights=1 - counted_error, minlength=n_vendors), 1e-12)
     sensitivity = injected_sensitivity(probs, given, vendor, model, counted_of, seed=seed)
     slope = sensitivity - false_positive
     if (slope < MIN_SLOPE).any():
