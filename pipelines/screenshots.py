@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from pipelines.servers import dagster_dev_command, free_port, http_json, mlflow_server_command, running
+from pipelines.servers import (
+    dagster_dev_command, free_port, http_json, mlflow_server_command, running, stop_group,
+)
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -71,14 +71,7 @@ class Browser:
 
     def close(self) -> None:
         self.socket.close()
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=20)
-        except ProcessLookupError:  # the whole group has exited already
-            self.process.wait(timeout=20)
+        stop_group(self.process)
 
 
 def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0, focus: str = "") -> str:

@@ -42,6 +42,19 @@ def dagster_dev_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple
     return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
 
 
+def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """Stop a child started with ``start_new_session=True`` and every process of its group: SIGTERM,
+    then SIGKILL after ``grace`` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:  # the whole group has exited already
+        process.wait()
+
+
 @contextmanager
 def running(command: list[str], ready_url: str, env: dict, log_path, timeout: float = 120.0):
     """Run ``command`` in its own session until ``ready_url`` answers; stop the whole group after."""
@@ -62,10 +75,4 @@ def running(command: list[str], ready_url: str, env: dict, log_path, timeout: fl
                     time.sleep(0.5)
             yield process
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop_group(process)
