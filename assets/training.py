@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from assets.dataset import curated_dataset
-from ml.delivery import atomic_write_bytes, load_curated
+from ml.delivery import load_curated
+from ml.files import atomic_write_bytes
 from ml.train import CrossValResult, FoldEnsemble, TrainConfig, cross_validate, pick_device
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import ModelOutputs, champion_outputs, load_selection, save_ensemble, save_outputs

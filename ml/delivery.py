@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.images import ImageError, decode_image, probe_image
 
 log = logging.getLogger(__name__)
@@ -255,20 +255,6 @@ def _sha256(path: Path) -> str:
 
 
 # ---- curated storage -------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
-    atomic_write_bytes(path, frame.to_csv(index=False).encode("utf-8"))
-
 
 def write_curated(curated: Path, quarantine: Path, delivery: Delivery, result: IngestResult) -> None:
     """Store a delivery's curated rows and images and its quarantine, each file atomically.

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ml.files import atomic_write_text
+
 
 def confusion_plot(confusion: np.ndarray, classes: tuple[str, ...], title: str) -> bytes:
     """PNG bytes of a vendor's estimated confusion ``C[true, given]`` (K, K), diagonal in percent."""
@@ -76,12 +78,6 @@ def render_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, provenance
     return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    from ml.delivery import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def write_section(path: Path, name: str, text: str) -> None:
     """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of the Markdown
     file at ``path``, keeping everything else; append the marked section when the file has none."""
@@ -94,4 +90,4 @@ def write_section(path: Path, name: str, text: str) -> None:
         updated = before + block + ("\n" + after if after else "")
     else:
         updated = current + ("\n" if current and not current.endswith("\n") else "") + block
-    write_text_atomic(path, updated)
+    atomic_write_text(path, updated)

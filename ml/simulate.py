@@ -11,7 +11,8 @@ from PIL import Image
 
 from ml.config import CONFIG_NAME, Settings, load_settings, write_settings
 from ml.datasets import ImageSet
-from ml.delivery import LABELS_FILE, NAME_RE, READY_MARKER, atomic_write_csv
+from ml.delivery import LABELS_FILE, NAME_RE, READY_MARKER
+from ml.files import atomic_write_csv
 
 TRUTH_FILE = "truth.csv"
 # Systematic confusions of scenario B (Fashion-MNIST class indices), in both directions:

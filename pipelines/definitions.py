@@ -10,7 +10,8 @@ import dagster as dg
 
 from assets.dataset import curated_dataset
 from assets.ingestion import vendor_delivery
-from assets.scoring import batch_scores, label_issues, vendor_scorecard
+from assets.scorecard import vendor_scorecard
+from assets.scoring import batch_scores, label_issues
 from assets.training import cv_models
 from pipelines.automation import (
     audit_job, delivery_sensor, ingest_job, nightly_schedule, score_job, scorecard_refresh_sensor,

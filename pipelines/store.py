@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ml.delivery import atomic_write_bytes
+from ml.files import atomic_write_bytes
 from ml.train import FoldEnsemble, SmallCNN
 
 

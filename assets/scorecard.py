@@ -1,0 +1,70 @@
+"""The vendor scorecard, pairwise comparisons and the report, from the label issues."""
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from assets.scoring import _require_champion, _table, label_issues
+from ml.estimate import VendorRates
+from ml.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from ml.report import confusion_plot, render_report
+from ml.scorecard import build_scorecard, compare_vendors
+from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
+
+
+@dg.asset(
+    deps=[label_issues],
+    group_name="vendor_audit",
+    kinds={"pandas", "mlflow"},
+    pool="dvc",
+    description="One row per vendor: error rate with a 95% interval, flagged and ambiguous counts, rank; "
+                "pairwise comparisons and a Markdown report with confusion plots under reports/.",
+)
+def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
+                     mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    settings = audit_home.settings()
+    champion = _require_champion(mlflow_tracking)
+    with np.load(audit_home.reports / "audit.npz", allow_pickle=False) as saved:
+        vendors = [str(v) for v in saved["vendors"]]
+        rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
+                            saved["sensitivity"], saved["false_positive"])
+        confusion = saved["confusion"]
+        baseline_rates = saved["baseline_rates"]
+    issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)
+    vendor_index = issues["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
+    dataset_version = dvc.version_of("curated")
+    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates)
+    scorecard = scorecard.assign(
+        cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
+        dataset_version=dataset_version, model_version=champion["model_version"])
+    comparisons = compare_vendors(vendors, rates)
+    reports = audit_home.reports
+    atomic_write_csv(reports / "scorecard.csv", scorecard)
+    atomic_write_csv(reports / "comparisons.csv", comparisons)
+    plots = {}
+    for v, name in enumerate(vendors):
+        atomic_write_bytes(reports / "plots" / f"confusion-{name}.png",
+                           confusion_plot(confusion[v], settings.classes, f"{name}: estimated confusion"))
+        plots[name] = f"plots/confusion-{name}.png"
+    provenance = {"dataset_version": dataset_version,
+                  "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
+                  "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
+                  "head": champion["head"], "mlflow_run": champion["run_id"]}
+    top = issues[issues["verdict"] == "error"].sort_values("p_error", ascending=False).head(15)
+    report = render_report(scorecard, comparisons, provenance, plots, top[["image_id", "given_label",
+                                                                          "suggested_label", "p_error"]])
+    atomic_write_text(reports / "report.md", report)
+    atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
+    dvc.commit_stage("audit")
+    mlflow = mlflow_tracking.start()
+    with mlflow.start_run(run_id=champion["run_id"]):
+        mlflow.log_artifacts(str(reports), artifact_path="audit-report")
+    context.log.info("scorecard:\n" + scorecard.to_string(index=False))
+    return dg.MaterializeResult(metadata={
+        "scorecard": _table(scorecard),
+        "comparisons": _table(comparisons),
+        "report": dg.MetadataValue.md(report),
+        **provenance,
+    })
