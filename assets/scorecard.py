@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from assets.scoring import _require_champion, _table, label_issues
-from ml.estimate import VendorRates
+from ml.audit import load_audit
 from ml.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from ml.report import confusion_plot, render_report
 from ml.scorecard import build_scorecard, compare_vendors
@@ -26,12 +26,8 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
                      mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     settings = audit_home.settings()
     champion = _require_champion(mlflow_tracking)
-    with np.load(audit_home.reports / "audit.npz", allow_pickle=False) as saved:
-        vendors = [str(v) for v in saved["vendors"]]
-        rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
-                            saved["sensitivity"], saved["false_positive"])
-        confusion = saved["confusion"]
-        baseline_rates = saved["baseline_rates"]
+    saved = load_audit(audit_home.reports / "audit.npz")
+    vendors, rates, confusion, baseline_rates = saved.vendors, saved.rates, saved.confusion, saved.baseline_rates
     issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)
     vendor_index = issues["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
     dataset_version = dvc.version_of("curated")
