@@ -10,10 +10,9 @@ from assets.training import cv_models
 from ml.audit import run_audit
 from ml.delivery import duplicate_of, load_curated_delivery, load_curated_rows, parse_key
 from ml.files import atomic_write_bytes, atomic_write_csv
-from ml.train import score_images
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
-    ModelOutputs, batch_scores_path, champion_outputs, load_ensemble, load_image_ids, save_batch_scores,
+    batch_scores_path, champion_outputs, load_ensemble, load_image_ids, load_outputs, save_batch_scores, score_new_delivery,
 )
 
 
@@ -48,14 +47,14 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
     if champion is None:
         return dg.MaterializeResult(metadata={"scored_by": "none yet: the first training covers this delivery"})
     rows, images = load_curated_delivery(audit_home.curated, vendor, batch)
-    trained_on = set(load_image_ids(audit_home.models, champion["dataset_version"], champion["head"]))
-    if rows["image_id"].isin(trained_on).all():
+    if rows["image_id"].isin(load_image_ids(audit_home.models, champion["dataset_version"], champion["head"])).all():
         return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']} out-of-fold"})
+    trained = load_outputs(audit_home.models, champion["dataset_version"], champion["head"])
     ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"],
                              audit_home.settings().classes)
-    probs, embeddings = score_images(ensemble, images)
+    outputs = score_new_delivery(ensemble, rows, images, trained, load_curated_rows(audit_home.curated))
     path = batch_scores_path(audit_home.root, champion["model_version"], vendor, batch)
-    save_batch_scores(path, ModelOutputs(rows["image_id"].to_numpy(), probs, embeddings, np.full(len(rows), -1)))
+    save_batch_scores(path, outputs)
     context.log.info(f"{context.partition_key}: {len(rows)} images scored by model v{champion['model_version']}")
     return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']}", "n_images": len(rows),
                                           "trained_on": champion["dataset_version"]})
@@ -79,11 +78,18 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
         raise dg.Failure(f"deliveries not scored by the champion v{champion['model_version']} yet: "
                          f"{', '.join(unscored)} (materialize batch_scores for them)")
     result, issues = run_audit(rows, outputs.probs, outputs.embeddings, settings.classes,
-                               n_boot=settings.bootstrap, seed=settings.seed)
+                               n_boot=settings.bootstrap, seed=settings.seed, trained=source == "out-of-fold")
+    for name in np.array(result.vendors)[result.rates.weak_detection]:
+        context.log.warning(f"vendor {name}: error detection is weak for its labels, its rate is uncertain")
     issues = issues.assign(model_version=champion["model_version"], model_trained_on=champion["dataset_version"],
                            prediction=source, duplicate_of=duplicate_of(rows).to_numpy())
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
+    annotators_path = audit_home.reports / "annotators.csv"
+    if result.annotators is not None:
+        atomic_write_csv(annotators_path, result.annotators)
+    else:
+        annotators_path.unlink(missing_ok=True)  # no annotator named: no stale table from an earlier audit
     counts = issues["verdict"].value_counts().to_dict()
     context.log.info(f"label issues: {counts}")
     worst = issues.sort_values("p_error", ascending=False).head(20)

@@ -1,17 +1,21 @@
-"""The whole estimate from out-of-fold outputs: noise model, per-image verdicts, per-vendor rates."""
+"""The whole estimate from out-of-sample outputs: noise model, per-image verdicts, per-vendor and
+per-annotator rates."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ml.estimate import NoiseModel, VendorRates, fit_noise_model, vendor_error_rates
 from ml.issues import VerdictRules, cleanlab_baseline, counted_as_error, label_verdicts
+from ml.scorecard import rate_table
 
 ISSUE_COLUMNS = ["image_id", "vendor", "batch", "given_label", "suggested_label", "p_error", "verdict"]
+ANNOTATOR_SEPARATOR = "/"  # annotators are rated as "<vendor>/<annotator>" groups, nested in their vendor
 
 
 @dataclass
@@ -21,29 +25,55 @@ class AuditResult:
     verdicts: dict[str, np.ndarray]
     rates: VendorRates
     baseline_rates: np.ndarray  # (V,) cleanlab's num_label_issues share per vendor, on the same probabilities
+    annotators: pd.DataFrame | None = None  # rate_table per (vendor, annotator); None without annotator names
 
     def to_npz(self) -> bytes:
         buffer = io.BytesIO()
+        r = self.rates
         np.savez(buffer, vendors=np.array(self.vendors), confusion=self.model.confusion,
-                 temperature=self.model.temperature, rate=self.rates.rate, low=self.rates.low,
-                 high=self.rates.high, bootstrap=self.rates.bootstrap, raw_rate=self.rates.raw,
-                 sensitivity=self.rates.sensitivity, false_positive=self.rates.false_positive,
-                 baseline_rates=self.baseline_rates)
+                 temperature=self.model.temperature, rate=r.rate, low=r.low, high=r.high, bootstrap=r.bootstrap,
+                 raw_rate=r.raw, sensitivity=r.sensitivity, false_positive=r.false_positive, n_images=r.n_images,
+                 weak_detection=r.weak_detection, baseline_rates=self.baseline_rates)
         return buffer.getvalue()
 
 
+@dataclass
+class SavedAudit:
+    """What :meth:`AuditResult.to_npz` keeps: vendors (V,), rates, confusion (V, K, K), baseline rates (V,)."""
+
+    vendors: list[str]
+    rates: VendorRates
+    confusion: np.ndarray
+    baseline_rates: np.ndarray
+
+
+def load_audit(path: Path) -> SavedAudit:
+    with np.load(path, allow_pickle=False) as saved:
+        rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
+                            saved["sensitivity"], saved["false_positive"], saved["n_images"],
+                            saved["weak_detection"])
+        return SavedAudit([str(v) for v in saved["vendors"]], rates, saved["confusion"], saved["baseline_rates"])
+
+
 def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, classes: tuple[str, ...],
-              n_boot: int = 200, seed: int = 0, rules: VerdictRules = VerdictRules()) -> tuple[AuditResult, pd.DataFrame]:
-    """Audit curated ``rows`` (columns image_id, vendor, batch, label) given aligned out-of-fold
-    ``probs`` (N, K) and ``embeddings`` (N, D). Returns the result and the label-issues table."""
+              n_boot: int = 200, seed: int = 0, rules: VerdictRules = VerdictRules(),
+              trained: np.ndarray | None = None) -> tuple[AuditResult, pd.DataFrame]:
+    """Audit curated ``rows`` (columns image_id, vendor, batch, label; optional sha256, annotator) given
+    aligned out-of-sample ``probs`` (N, K) and ``embeddings`` (N, D). ``trained`` (N,) bool marks the
+    images the classifier was trained on (their probabilities are out-of-fold); the others were
+    scored later. Returns the result and the label-issues table."""
     index = {c: i for i, c in enumerate(classes)}
     given = rows["label"].map(index).to_numpy(np.int64)
     vendors = sorted(rows["vendor"].unique())
     vendor = rows["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
-    model = fit_noise_model(probs, given, vendor, len(vendors))
+    # injected flips keyed by image content: identical images get identical draws wherever they are
+    keys = (rows["sha256"] if "sha256" in rows else rows["image_id"]).astype(str).to_numpy()
+    model = fit_noise_model(probs, given, vendor, len(vendors), trained=trained)
     verdicts = label_verdicts(model, given, embeddings, rules)
-    rates = vendor_error_rates(probs, given, vendor, model, counted_as_error(rules), n_boot=n_boot, seed=seed)
+    rates = vendor_error_rates(probs, given, vendor, model, counted_as_error(rules), n_boot=n_boot, seed=seed,
+                               vendor_names=vendors, draw_keys=keys, trained=trained)
     baseline_rates, baseline_flags = cleanlab_baseline(probs, given, vendor)
+    annotators = annotator_rates(rows, probs, given, verdicts["verdict"], rules, n_boot, seed, keys, trained)
     names = np.array(classes)
     issues = pd.DataFrame({
         "image_id": rows["image_id"].to_numpy(),
@@ -55,4 +85,25 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
         "verdict": verdicts["verdict"],
         "cleanlab_flag": baseline_flags,
     }, columns=ISSUE_COLUMNS + ["cleanlab_flag"])
-    return AuditResult(vendors, model, verdicts, rates, baseline_rates), issues
+    return AuditResult(vendors, model, verdicts, rates, baseline_rates, annotators), issues
+
+
+def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, verdict: np.ndarray,
+                    rules: VerdictRules, n_boot: int, seed: int, keys: np.ndarray,
+                    trained: np.ndarray | None) -> pd.DataFrame | None:
+    """Each annotator's error rate within its vendor, by the same estimator with annotators as the
+    annotating groups (one confusion matrix per vendor/annotator pair). None when no row names an
+    annotator; rows without one form the group ``(unnamed)``."""
+    if "annotator" not in rows or not (rows["annotator"].astype(str).str.strip() != "").any():
+        return None
+    annotator = rows["annotator"].astype(str).str.strip().replace("", "(unnamed)")
+    group_name = (rows["vendor"].astype(str) + ANNOTATOR_SEPARATOR + annotator).to_numpy()
+    groups = sorted(set(group_name))
+    group = pd.Series(group_name).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)
+    rates = vendor_error_rates(probs, given, group, counted_of=counted_as_error(rules), n_boot=n_boot, seed=seed,
+                               vendor_names=groups, draw_keys=keys, trained=trained)
+    table = rate_table(groups, group, verdict, rates)
+    vendor_and_annotator = table["vendor"].str.split(ANNOTATOR_SEPARATOR, n=1, expand=True)
+    table["vendor"] = vendor_and_annotator[0]
+    table.insert(1, "annotator", vendor_and_annotator[1])
+    return table.sort_values(["vendor", "error_rate", "annotator"]).reset_index(drop=True)

@@ -10,6 +10,7 @@ a wrong label the posterior counts, measured with errors injected on purpose (do
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,23 @@ from scipy.optimize import minimize_scalar
 
 EPS = 1e-6
 log = logging.getLogger(__name__)
+
+
+def keyed_uniform(keys: np.ndarray, salt: int) -> np.ndarray:
+    """(N,) uniforms in [0, 1), each a function of its key (N,) str and ``salt`` only.
+
+    Random draws keyed by image content stay the same for an image whatever else is in the data, so
+    a vendor's estimate does not move when unrelated images arrive, and identical deliveries get
+    identical draws.
+    """
+    base = np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
+                     for k in keys], dtype=np.uint64)
+    with np.errstate(over="ignore"):  # splitmix64: wrap-around arithmetic is the point
+        x = base + np.uint64((0x9E3779B97F4A7C15 * (salt + 1)) % 2**64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 @dataclass
@@ -70,6 +88,7 @@ def fit_noise_model(
     initial_confusion: np.ndarray | None = None,
     sample_weight: np.ndarray | None = None,
     temperature: float | None = None,
+    trained: np.ndarray | None = None,
 ) -> NoiseModel:
     """Fit per-vendor confusion matrices by EM.
 
@@ -82,16 +101,25 @@ def fit_noise_model(
         uniform-noise fit, so rare (true, given) pairs shrink toward "errors fall anywhere".
     sample_weight : (N,) optional weight per image (bootstrap replicates use resampling counts).
     temperature : the calibration to apply; fitted to the given labels when None.
+    trained : (N,) bool, the images whose labels trained the classifier (default: all). Its outputs
+        mix the noise of those labels only, so the temperature and the mean confusion ``T`` come from
+        them: images scored later (a new delivery, a new vendor) change neither, and so do not move
+        the other vendors' estimates.
     """
     n, k = probs.shape
     n_vendors = int(vendor.max()) + 1 if n_vendors is None else n_vendors
     weight = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
-    temperature = fit_temperature(probs, given) if temperature is None else temperature
+    trained = np.ones(n, bool) if trained is None else np.asarray(trained, bool)
+    if not trained.any():
+        raise ValueError("no image the classifier was trained on: the noise model needs its out-of-fold outputs")
+    if temperature is None:
+        temperature = fit_temperature(probs[trained], given[trained])
     noisy = apply_temperature(probs, temperature)
     eye = np.eye(k)
     confusion = np.repeat((0.9 * eye + 0.1 * (1 - eye) / (k - 1))[None], n_vendors, axis=0) \
         if initial_confusion is None else initial_confusion.copy()
-    vendor_share = np.bincount(vendor, weights=weight, minlength=n_vendors) / weight.sum()
+    mixed = weight * trained
+    vendor_share = np.bincount(vendor, weights=mixed, minlength=n_vendors) / mixed.sum()
     cell = vendor * k + given  # which (vendor, given label) column each image adds to
     # summing images into their cells is one sparse product: (V*K cells, N) @ (N, K)
     cells = scipy.sparse.csr_matrix((weight, (cell, np.arange(n))), shape=(n_vendors * k, n))
@@ -121,7 +149,9 @@ class VendorRates:
 
     ``raw`` is the mean probability of error before the sensitivity correction; ``sensitivity`` the
     mean probability of error the estimator gives to labels known to be wrong (flips injected into each
-    vendor's own labels); ``false_positive`` the model-implied probability of error on correct labels."""
+    vendor's own labels); ``false_positive`` the model-implied probability of error on correct labels;
+    ``n_images`` the vendor's image count; ``weak_detection`` True where the detector barely tells a
+    vendor's wrong labels from right ones (slope under MIN_SLOPE), so its rate is uncertain."""
 
     rate: np.ndarray
     low: np.ndarray
@@ -130,19 +160,39 @@ class VendorRates:
     raw: np.ndarray
     sensitivity: np.ndarray
     false_positive: np.ndarray
+    n_images: np.ndarray
+    weak_detection: np.ndarray
 
 
 CountedOf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 MIN_SLOPE = 0.2  # below this the detector barely tells wrong labels from right ones
+PSEUDO_FLIPS = 10  # a vendor's sensitivity is shrunk toward the pooled one with this many pseudo flips
 
 
 def _all_counted(clean_prior: np.ndarray, labels: np.ndarray, p_error: np.ndarray) -> np.ndarray:
     return np.ones(len(labels), bool)
 
 
+def exact_binomial_interval(rate: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson interval (V,) for ``rate * n`` errors among ``n`` images (counts may be fractional).
+
+    It is what the rate would be known to within if every error had been seen, so no estimate from
+    ``n`` images is surer than it: a floor on the width of every interval.
+    """
+    from scipy.stats import beta
+
+    n = np.maximum(np.asarray(n, float), 1.0)
+    k = np.clip(np.asarray(rate, float), 0, 1) * n
+    tail = (1 - level) / 2
+    low = np.where(k > 0, beta.ppf(tail, np.maximum(k, 1e-9), n - k + 1), 0.0)
+    high = np.where(k < n, beta.ppf(1 - tail, k + 1, np.maximum(n - k, 1e-9)), 1.0)
+    return low, high
+
+
 def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
                          counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 3,
-                         seed: int = 0) -> np.ndarray:
+                         seed: int = 0, draw_keys: np.ndarray | None = None,
+                         trained: np.ndarray | None = None) -> np.ndarray:
     """(V,) mean counted probability of error the estimator gives labels known to be wrong.
 
     Out-of-fold probabilities do not depend on an image's own label, so flipping a random ``share`` of
@@ -151,23 +201,38 @@ def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarra
     errors, shape the confusion counts that judge them, and the flipped images' counted p_error is
     averaged per vendor over ``repeats`` draws. The flips raise each vendor's noise by ``share``, which
     makes the measure read a few points high (measured in tests/test_estimate.py).
+
+    Which images are flipped, and to which class, is a function of each image's ``draw_keys`` (N,)
+    (its content hash; default its position), so a vendor's measure does not change when other images
+    arrive. A vendor with few flips is shrunk toward the pooled measure (``PSEUDO_FLIPS``): three images
+    give no flip at all, and their vendor gets the pooled sensitivity instead of none.
     """
     n_vendors = model.confusion.shape[0]
     k = probs.shape[1]
-    rng = np.random.default_rng(seed)
+    keys = np.arange(len(given)).astype(str) if draw_keys is None else np.asarray(draw_keys)
     found = np.zeros(n_vendors)
     injected = np.zeros(n_vendors)
-    for _ in range(repeats):
-        flipped = rng.random(len(given)) < share
+    for repeat in range(repeats):
+        salt = 1_000_003 * seed + 2 * repeat
+        flipped = keyed_uniform(keys, salt) < share
+        offset = 1 + np.minimum((keyed_uniform(keys, salt + 1) * (k - 1)).astype(np.int64), k - 2)
         labels = given.copy()
-        labels[flipped] = (given[flipped] + rng.integers(1, k, int(flipped.sum()))) % k
+        labels[flipped] = (given[flipped] + offset[flipped]) % k
         refit = fit_noise_model(probs, labels, vendor, n_vendors, max_iter=100, initial_confusion=model.confusion,
-                                temperature=model.temperature)
+                                temperature=model.temperature, trained=trained)
         p_error = refit.p_error(labels)
         score = p_error * counted_of(refit.clean_prior, labels, p_error)
         found += np.bincount(vendor, weights=score * flipped, minlength=n_vendors)
         injected += np.bincount(vendor, weights=flipped.astype(float), minlength=n_vendors)
-    return found / np.maximum(injected, 1)
+    # pooled over the vendors the classifier trained on, so that a vendor scored later moves no other
+    trained_vendor = np.bincount(vendor, weights=np.ones(len(given)) if trained is None else trained,
+                                 minlength=n_vendors) > 0
+    pooled = found[trained_vendor].sum() / max(injected[trained_vendor].sum(), 1.0)
+    return (found + PSEUDO_FLIPS * pooled) / (injected + PSEUDO_FLIPS)
+
+
+def _vendor_seed(seed: int, name: str) -> list[int]:
+    return [seed, int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")]
 
 
 def vendor_error_rates(
@@ -178,20 +243,29 @@ def vendor_error_rates(
     counted_of: CountedOf = _all_counted,
     n_boot: int = 200,
     seed: int = 0,
+    vendor_names: list[str] | None = None,
+    draw_keys: np.ndarray | None = None,
+    trained: np.ndarray | None = None,
 ) -> VendorRates:
-    """Estimated share of each vendor's images with a wrong label, with bootstrap 95% intervals.
+    """Estimated share of each vendor's images with a wrong label, with 95% intervals.
 
     The raw estimate, the mean counted p_error of a vendor's images, equals ``f + (s - f) * r`` for a
     true rate ``r``, where ``s`` is the p_error the estimator gives a wrong label (measured by injected
     flips) and ``f`` the p_error it gives a correct one (the noise model's own expectation). Inverting
     that line removes the shrinkage of soft posteriors toward the middle; the bootstrap (images
-    resampled within each vendor, the whole noise model refitted) goes through the same line.
+    resampled within each vendor, the whole noise model refitted) goes through the same line. The
+    interval is at least as wide as the exact binomial interval of the vendor's image count.
 
     ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an
     error (ambiguous images excluded); ``model`` is the fit on ``given`` when already at hand.
+    ``vendor_names`` (V,) seed each vendor's bootstrap draws and ``draw_keys`` (N,) each image's
+    injected flips, so that a vendor's estimate depends on its own images only; ``trained`` (N,) bool
+    marks the images the classifier was trained on (see :func:`fit_noise_model`).
     """
-    n_vendors = int(vendor.max()) + 1
-    model = fit_noise_model(probs, given, vendor, n_vendors) if model is None else model
+    n_vendors = int(vendor.max()) + 1 if vendor_names is None else len(vendor_names)
+    names = [str(v) for v in range(n_vendors)] if vendor_names is None else list(vendor_names)
+    trained = np.ones(len(given), bool) if trained is None else np.asarray(trained, bool)
+    model = fit_noise_model(probs, given, vendor, n_vendors, trained=trained) if model is None else model
     p_error = model.p_error(given)
     counted = counted_of(model.clean_prior, given, p_error)
 
@@ -204,32 +278,39 @@ def vendor_error_rates(
     counted_error = p_error * counted
     false_positive = np.bincount(vendor, weights=counted_error * (1 - counted_error), minlength=n_vendors) / \
         np.maximum(np.bincount(vendor, weights=1 - counted_error, minlength=n_vendors), 1e-12)
-    sensitivity = injected_sensitivity(probs, given, vendor, model, counted_of, seed=seed)
+    sensitivity = injected_sensitivity(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys,
+                                       trained=trained)
     slope = sensitivity - false_positive
-    if (slope < MIN_SLOPE).any():
-        log.warning("error detection is weak for vendors %s (slope %s): their rates are uncertain",
-                    np.flatnonzero(slope < MIN_SLOPE).tolist(), np.round(slope, 3).tolist())
+    weak = slope < MIN_SLOPE
+    if weak.any():
+        log.warning("error detection is weak for %s (slope %s): their rates are uncertain",
+                    ", ".join(np.array(names)[weak]), ", ".join(f"{x:.3f}" for x in slope[weak]))
     slope = np.maximum(slope, MIN_SLOPE)
 
     def corrected(values: np.ndarray) -> np.ndarray:
         return np.clip((values - false_positive) / slope, 0, 1)
 
     point = corrected(raw)
-    rng = np.random.default_rng(seed)
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
+    # one generator per vendor, seeded by its name: its draws do not depend on the other vendors
+    generators = [np.random.default_rng(_vendor_seed(seed, name)) for name in names]
     boot = np.empty((n_boot, n_vendors))
     for b in range(n_boot):
         # resample images within each vendor, as counts; warm-start EM from the full fit
         weight = np.zeros(len(given))
-        for g in groups:
-            weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
+        for g, rng in zip(groups, generators):
+            if len(g):
+                weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
         kept = np.flatnonzero(weight)  # about 37% of images are not drawn: leave them out of the refit
         refit = fit_noise_model(probs[kept], given[kept], vendor[kept], n_vendors, max_iter=25, tol=1e-5,
                                 sample_weight=weight[kept], initial_confusion=model.confusion,
-                                temperature=model.temperature)
+                                temperature=model.temperature, trained=trained[kept])
         boot[b] = corrected(rates(refit, weight[kept], kept))
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
     shift = point - boot.mean(axis=0)
-    return VendorRates(point, np.clip(low + shift, 0, 1), np.clip(high + shift, 0, 1), boot, raw, sensitivity,
-                       false_positive)
+    n_images = np.bincount(vendor, minlength=n_vendors)
+    exact_low, exact_high = exact_binomial_interval(point, n_images)
+    low = np.minimum(np.clip(low + shift, 0, 1), exact_low)
+    high = np.maximum(np.clip(high + shift, 0, 1), exact_high)
+    return VendorRates(point, low, high, boot, raw, sensitivity, false_positive, n_images, weak)

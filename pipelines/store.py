@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ml.files import atomic_write_bytes
-from ml.train import FoldEnsemble, SmallCNN
+from ml.train import FoldEnsemble, SmallCNN, member_for_content, score_out_of_sample
 
 
 class ModelFileError(RuntimeError):
@@ -102,6 +102,35 @@ def load_ensemble(models_dir: Path, dataset_version: str, head: str, classes: tu
     except Exception as exc:  # noqa: BLE001 - any failure to read the weights means the same to the user
         raise ModelFileError(f"{path}: cannot load the model ({exc.__class__.__name__}: {exc})") from exc
     return FoldEnsemble(members).eval()
+
+
+def score_new_delivery(ensemble: FoldEnsemble, rows: pd.DataFrame, images: np.ndarray, trained: ModelOutputs,
+                       curated_rows: pd.DataFrame) -> ModelOutputs:
+    """Out-of-sample outputs for a delivery the champion did not train on: ``rows`` (N, with image_id and
+    sha256) and their uint8 ``images`` (N, H, W, C).
+
+    An image whose content the champion trained on (the same file delivered again, by the same or
+    another vendor) takes that image's out-of-fold outputs: the fold model that never saw this content.
+    Scoring it with the fold models that did would read back the labels they learned. Every other
+    image is scored by one fold model chosen by its content (:func:`ml.train.score_out_of_sample`).
+    ``trained`` are the champion's out-of-fold outputs; ``curated_rows`` give their images' content.
+    ``fold`` in the result is the fold model behind each image's outputs.
+    """
+    content = rows["sha256"].astype(str).to_numpy()
+    trained_content = curated_rows.set_index("image_id")["sha256"].reindex(trained.image_ids.astype(str))
+    position = pd.Series(np.arange(len(trained_content)), index=trained_content.to_numpy())
+    position = position[~position.index.duplicated()]
+    match = position.reindex(content).to_numpy()
+    seen = ~np.isnan(match)
+    take = match[seen].astype(int)
+    member = member_for_content(content, len(ensemble.members))
+    member[seen] = trained.fold[take]
+    probs = np.zeros((len(rows), trained.probs.shape[1]))
+    embeddings = np.zeros((len(rows), trained.embeddings.shape[1]), np.float32)
+    probs[seen], embeddings[seen] = trained.probs[take], trained.embeddings[take]
+    if (~seen).any():
+        probs[~seen], embeddings[~seen] = score_out_of_sample(ensemble, images[~seen], member[~seen])
+    return ModelOutputs(rows["image_id"].to_numpy(), probs, embeddings, member)
 
 
 def batch_scores_path(root: Path, model_version: str, vendor: str, batch: str) -> Path:

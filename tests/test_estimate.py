@@ -104,7 +104,8 @@ def test_scorecard_and_issue_tables_follow_the_contract():
     assert issues["cleanlab_flag"].dtype == bool and len(result.baseline_rates) == 2
     assert set(issues["verdict"]) <= {"ok", "error", "ambiguous", "outlier"}
     card = build_scorecard(result.vendors, np.repeat([0, 1], 400), issues["verdict"].to_numpy(), result.rates)
-    assert list(card.columns) == SCORECARD_COLUMNS + ["ambiguous_rate"]
+    assert list(card.columns) == SCORECARD_COLUMNS + ["status", "note", "ambiguous_rate"]
+    assert card["status"].tolist() == ["rated", "rated"]
     assert card["vendor"].tolist() == ["v0", "v1"] and card["rank"].tolist() == [1, 2]
     assert card.loc[1, "n_flagged"] > card.loc[0, "n_flagged"]
 
@@ -126,3 +127,69 @@ def test_outlier_scores_against_a_reference_sample_find_the_odd_images():
     np.testing.assert_allclose(outlier_scores(small), expected, rtol=1e-5)
     # the sample excludes each image from its own neighbours too
     assert np.all(sampled < 0.999)
+
+
+def test_a_vendor_scored_after_training_moves_no_other_vendor():
+    """Images the classifier did not train on (a new vendor) change neither the calibration nor the
+    noise mixture, and the injected flips and bootstrap draws are keyed per image and per vendor."""
+    probs, given, true, vendor = synthetic([0.0, 0.05, 0.2, 0.1], n_per_vendor=800, seed=3)
+    keys = np.array([f"content-{i}" for i in range(len(given))])
+    first = vendor < 3
+    before = vendor_error_rates(probs[first], given[first], vendor[first], n_boot=30, vendor_names=["a", "b", "c"],
+                                draw_keys=keys[first])
+    after = vendor_error_rates(probs, given, vendor, n_boot=30, vendor_names=["a", "b", "c", "late"], draw_keys=keys,
+                               trained=first)
+    # equal up to EM's stopping tolerance (1e-5 on the posteriors)
+    np.testing.assert_allclose(after.rate[:3], before.rate, atol=1e-4)
+    np.testing.assert_allclose(after.low[:3], before.low, atol=1e-4)
+    np.testing.assert_allclose(after.high[:3], before.high, atol=1e-4)
+
+
+def test_an_identical_copy_gets_the_same_rate_and_no_significant_difference():
+    probs, given, true, vendor = synthetic([0.0, 0.05, 0.2], n_per_vendor=800, seed=4)
+    keys = np.array([f"content-{i}" for i in range(len(given))])
+    copy = vendor == 2  # vendor c delivered again, byte for byte, under another name after training
+    all_probs = np.concatenate([probs, probs[copy]])
+    all_given = np.concatenate([given, given[copy]])
+    all_vendor = np.concatenate([vendor, np.full(copy.sum(), 3)])
+    all_keys = np.concatenate([keys, keys[copy]])
+    trained = np.arange(len(all_given)) < len(given)
+    result = vendor_error_rates(all_probs, all_given, all_vendor, n_boot=60, vendor_names=["a", "b", "c", "c2"],
+                                draw_keys=all_keys, trained=trained)
+    assert abs(result.rate[3] - result.rate[2]) < 1e-9
+    comparisons = compare_vendors(["a", "b", "c", "c2"], result, min_images=200)
+    pair = comparisons[(comparisons["vendor_a"] == "c") & (comparisons["vendor_b"] == "c2")].iloc[0]
+    assert pair["conclusion"] == "not distinguishable with this data" and pair["p_holm"] > 0.5
+
+
+def test_small_vendors_get_exact_intervals_and_take_part_in_no_claim():
+    probs, given, true, vendor = synthetic([0.0, 0.2, 0.0, 0.0], n_per_vendor=1000, seed=5)
+    keep = np.concatenate([np.flatnonzero(vendor == 0), np.flatnonzero(vendor == 1),
+                           np.flatnonzero(vendor == 2)[:100], np.flatnonzero(vendor == 3)[:3]])
+    probs, given, true, vendor = probs[keep], given[keep], true[keep], vendor[keep]
+    result = vendor_error_rates(probs, given, vendor, n_boot=60, vendor_names=["a", "c", "small", "tiny"])
+    # no interval is narrower than the exact binomial one for the vendor's image count
+    assert result.high[3] >= 0.70 and result.low[3] == 0.0  # 0 errors in 3 images: up to 70.8%
+    assert result.high[2] >= 0.036  # 0 errors in 100 images: up to 3.6%
+    assert result.rate[3] < 0.5  # the pooled sensitivity keeps three correct labels from reading as errors
+    card = build_scorecard(["a", "c", "small", "tiny"], vendor, np.full(len(vendor), "ok"), result)
+    by_vendor = card.set_index("vendor")
+    assert by_vendor.loc["small", "status"] == "too few images to rate" and pd.isna(by_vendor.loc["small", "rank"])
+    assert "100 < 200" in by_vendor.loc["small", "note"]
+    assert by_vendor.loc["a", "rank"] == 1 and by_vendor.loc["c", "rank"] == 2
+    assert card["vendor"].tolist()[-2:] == ["small", "tiny"]  # unrated vendors after the ranked ones
+    comparisons = compare_vendors(["a", "c", "small", "tiny"], result)
+    assert (comparisons["difference_low"] >= -1).all() and (comparisons["difference_high"] <= 1).all()
+    untested = comparisons[(comparisons["vendor_a"].isin(["small", "tiny"])) | (comparisons["vendor_b"].isin(["small", "tiny"]))]
+    assert untested["p_value"].isna().all() and untested["conclusion"].str.startswith("not compared").all()
+    tested = comparisons.dropna(subset=["p_value"])
+    assert tested[["vendor_a", "vendor_b"]].values.tolist() == [["a", "c"]]
+    assert tested["conclusion"].iloc[0] == "a has fewer errors than c" and tested["p_text"].iloc[0] == "< 0.001"
+
+
+def test_holm_adjustment_and_p_value_resolution():
+    from ml.scorecard import format_p_value, holm
+
+    np.testing.assert_allclose(holm(np.array([0.01, 0.04, 0.03, 0.5])), [0.04, 0.09, 0.09, 0.5])
+    assert holm(np.array([0.2, 0.9])).tolist() == [0.4, 0.9]
+    assert format_p_value(1e-7) == "< 0.001" and format_p_value(0.0123) == "0.012" and format_p_value(0.5) == "0.50"
