@@ -2,39 +2,93 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import difflib
+import math
+from dataclasses import asdict, fields
+from decimal import Decimal
 from pathlib import Path
+from typing import Annotated
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+
+from ml.files import atomic_write_text
 
 CONFIG_NAME = "vendor-audit.yaml"
+HEADS = ("softmax", "l2softmax")
+SEED_MAX = 2**32 - 1  # a 32-bit seed suits every random generator used (torch, numpy)
 
 
 class ConfigError(ValueError):
     """The settings file is missing or invalid."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Taxonomy and tuning knobs of one vendor-audit home.
+# Strict numbers: YAML's "0,002" or "1e-3" (a string in YAML 1.1) and `true` for an int are errors,
+# not coerced; an int is accepted where a float is expected.
+StrictInt = Annotated[int, Strict()]
+StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 
-    ``image_size`` and ``channels`` of ``None`` mean "inferred from the first delivery".
+
+@dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class Settings:
+    """Taxonomy and tuning knobs of one vendor-audit home, validated on construction.
+
+    ``image_size`` and ``channels`` of ``None`` mean "inferred from the first delivery". Invalid
+    values raise pydantic's ValidationError (a ValueError); ``load_settings`` turns it into a
+    ConfigError naming the file, the field and the value.
     """
 
     classes: tuple[str, ...]
-    image_size: int | None = None
-    channels: int | None = None
-    quarantine_warn_share: float = 0.05
-    folds: int = 5
-    epochs: int = 8
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    seed: int = 0
-    heads: tuple[str, ...] = ("softmax", "l2softmax")
-    bootstrap: int = 200
-    tracking_uri: str = ""  # MLflow tracking URI; empty: SQLite under <home>/mlflow
-    dvc_remote: str = ""    # DVC remote URL; empty: the folder <home>/dvc-remote
-    extra: dict = field(default_factory=dict)
+    image_size: Annotated[StrictInt, Field(ge=8, le=512)] | None = None
+    channels: StrictInt | None = None
+    quarantine_warn_share: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.05
+    folds: Annotated[StrictInt, Field(ge=2)] = 5
+    epochs: Annotated[StrictInt, Field(ge=1)] = 8
+    batch_size: Annotated[StrictInt, Field(ge=2)] = 128
+    learning_rate: Annotated[StrictFloat, Field(gt=0, le=1)] = 2e-3
+    seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] = 0
+    heads: tuple[str, ...] = HEADS
+    bootstrap: Annotated[StrictInt, Field(ge=50)] = 200  # intervals need enough bootstrap replicates
+    tracking_uri: Annotated[str, Strict()] = ""  # MLflow tracking URI; empty: SQLite under <home>/mlflow
+    dvc_remote: Annotated[str, Strict()] = ""    # DVC remote URL; empty: the folder <home>/dvc-remote
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _check_classes(cls, value):
+        if not isinstance(value, (list, tuple)) or len(value) < 2:
+            raise ValueError(f"must be {RULES['classes']}")
+        if not all(isinstance(name, str) for name in value):
+            raise ValueError(f"must be {RULES['classes']}; quote names that YAML reads as numbers, dates or "
+                             f"true/false, e.g. ['0', '1']")
+        if not all(name.strip() for name in value):
+            raise ValueError(f"must be {RULES['classes']}")
+        names = tuple(name.strip() for name in value)
+        # delivery labels match classes ignoring letter case, so 'Cat' and 'cat' would be one class
+        folded = [name.casefold() for name in names]
+        repeated = sorted({name for name in names if folded.count(name.casefold()) > 1})
+        if repeated:
+            raise ValueError(f"has duplicate names (ignoring letter case): {repeated}")
+        return names
+
+    @field_validator("heads", mode="before")
+    @classmethod
+    def _check_heads(cls, value):
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(head, str) for head in value):
+            raise ValueError(f"must be {RULES['heads']}")
+        unknown = [head for head in value if head not in HEADS]
+        if unknown:
+            raise ValueError(f"names unknown heads {unknown}: must be among {', '.join(HEADS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("names a head twice")
+        return tuple(value)
+
+    @field_validator("channels")
+    @classmethod
+    def _check_channels(cls, value):
+        if value not in (None, 1, 3):
+            raise ValueError(f"must be {RULES['channels']}")
+        return value
 
     def class_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
@@ -43,12 +97,38 @@ class Settings:
         data = asdict(self)
         data["classes"] = list(self.classes)
         data["heads"] = list(self.heads)
-        data.pop("extra")
         return yaml.safe_dump(data, sort_keys=False)
 
 
+# What each field accepts, in the words of the error messages.
+RULES = {
+    "classes": "a list of at least two unique, non-empty class names",
+    "image_size": "an integer from 8 to 512, or null to infer it from the first delivery",
+    "channels": "1 or 3, or null to infer it from the first delivery",
+    "quarantine_warn_share": "a number from 0 to 1",
+    "folds": "an integer >= 2",
+    "epochs": "an integer >= 1",
+    "batch_size": "an integer >= 2",
+    "learning_rate": "a number > 0 and <= 1",
+    "seed": f"an integer from 0 to {SEED_MAX}",
+    "heads": f"a non-empty list of distinct heads among {', '.join(HEADS)}",
+    "bootstrap": "an integer >= 50, the bootstrap replicates behind each interval",
+    "tracking_uri": "a string; empty means the SQLite store under <home>/mlflow",
+    "dvc_remote": "a string; empty means the folder <home>/dvc-remote",
+}
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+_SETTINGS_ADAPTER = TypeAdapter(Settings)
+
+
 def load_settings(home: Path) -> Settings:
-    """Read and validate ``home/vendor-audit.yaml``; raise ConfigError naming the file and field."""
+    """Read and validate ``home/vendor-audit.yaml``.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or has unknown or invalid settings: one line per problem,
+        each naming the file, the setting and the value.
+    """
     path = Path(home) / CONFIG_NAME
     if not path.is_file():
         raise ConfigError(f"{path}: settings file not found (it needs at least 'classes:', the class names in order)")
@@ -56,54 +136,65 @@ def load_settings(home: Path) -> Settings:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with at least 'classes:'")
-    classes = raw.get("classes")
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c.strip() for c in classes):
-        raise ConfigError(f"{path}: 'classes' must be a list of at least two non-empty class names")
-    if len(set(classes)) != len(classes):
-        raise ConfigError(f"{path}: 'classes' has duplicate names")
-    known = {f.name for f in fields(Settings)} - {"extra"}
-    values: dict = {"classes": tuple(c.strip() for c in classes)}
-    extra = {}
-    for key, value in raw.items():
-        if key == "classes":
-            continue
-        if key not in known:
-            extra[key] = value
-            continue
-        values[key] = tuple(value) if key == "heads" else value
+    problems = [_unknown_setting(key) for key in raw if key not in SETTING_NAMES]
+    known = {key: value for key, value in raw.items() if key in SETTING_NAMES}
     try:
-        settings = Settings(**values, extra=extra)
-    except TypeError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    _validate(settings, path)
+        settings = _SETTINGS_ADAPTER.validate_python(known)
+    except ValidationError as exc:
+        problems += _field_problems(exc, known)
+    if problems:  # all of them at once, one line each, so one edit fixes the file
+        raise ConfigError("\n".join(f"{path}: {problem}" for problem in problems))
     return settings
 
 
-def _validate(s: Settings, path: Path) -> None:
-    def bad(field_name: str, why: str) -> ConfigError:
-        return ConfigError(f"{path}: '{field_name}' {why}")
+def _unknown_setting(key) -> str:
+    close = difflib.get_close_matches(str(key), SETTING_NAMES, n=1)
+    if close:
+        return f"unknown setting {key!r}: did you mean {close[0]!r}?"
+    return f"unknown setting {key!r}: the settings are {', '.join(SETTING_NAMES)}"
 
-    if s.image_size is not None and not (isinstance(s.image_size, int) and 8 <= s.image_size <= 512):
-        raise bad("image_size", "must be an integer from 8 to 512")
-    if s.channels not in (None, 1, 3):
-        raise bad("channels", "must be 1 or 3")
-    if not (isinstance(s.folds, int) and s.folds >= 2):
-        raise bad("folds", "must be an integer >= 2")
-    if not (isinstance(s.epochs, int) and s.epochs >= 1):
-        raise bad("epochs", "must be an integer >= 1")
-    if not 0 <= float(s.quarantine_warn_share) <= 1:
-        raise bad("quarantine_warn_share", "must be a fraction between 0 and 1")
-    unknown_heads = set(s.heads) - {"softmax", "l2softmax"}
-    if not s.heads or unknown_heads:
-        raise bad("heads", f"must name heads among softmax, l2softmax (got {sorted(unknown_heads) or 'none'})")
+
+def _field_problems(exc: ValidationError, values: dict) -> list[str]:
+    """One line per invalid field (pydantic may report several errors for one field)."""
+    problems, seen = [], set()
+    for error in exc.errors():
+        name = error["loc"][0] if error["loc"] else None
+        if name in seen:
+            continue
+        seen.add(name)
+        if error["type"] == "missing":
+            problems.append(f"{name!r} is required: {RULES.get(name, 'a value')}")
+            continue
+        value = values.get(name)
+        if error["type"] == "value_error":  # the validators' own words
+            problems.append(f"{name!r} {error['ctx']['error']} (got {value!r})")
+        else:
+            problems.append(f"{name!r} must be {RULES.get(name, error['msg'])} (got {value!r}){_number_hint(value)}")
+    return problems
+
+
+def _number_hint(value) -> str:
+    """For a number written as text ("0,002", "8", or "1e-3", which YAML 1.1 reads as a string)."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        number = float(value.strip().replace(",", "."))
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    # positional digits: YAML 1.1 reads 1e-05 as text too
+    written = str(int(number)) if number.is_integer() else format(Decimal(repr(number)), "f")
+    comma = " (a decimal point, not a comma)" if "," in value else ""
+    return f": that is text, not a number; write {written}{comma}"
 
 
 def write_settings(home: Path, settings: Settings) -> Path:
+    """Write ``settings`` to ``home/vendor-audit.yaml`` atomically; return the path."""
     path = Path(home) / CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(settings.to_yaml(), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, settings.to_yaml())
     return path

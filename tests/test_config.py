@@ -1,6 +1,19 @@
+from dataclasses import asdict, replace
+
 import pytest
 
-from ml.config import ConfigError, Settings, load_settings, write_settings
+from ml.config import CONFIG_NAME, ConfigError, Settings, load_settings, write_settings
+
+
+def _load(home, text: str) -> Settings:
+    (home / CONFIG_NAME).write_text(text, encoding="utf-8")
+    return load_settings(home)
+
+
+def _error(home, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        _load(home, text)
+    return str(caught.value)
 
 
 def test_missing_settings_file_names_the_file(tmp_path):
@@ -12,6 +25,11 @@ def test_missing_settings_file_names_the_file(tmp_path):
     ("classes: [cat]\n", "at least two"),
     ("classes: cat, dog\n", "must be a list"),
     ("classes: [cat, cat]\n", "duplicate"),
+    ("classes: [cat, ' Cat ']\n", "duplicate names \\(ignoring letter case\\)"),
+    ("classes: [cat, '  ']\n", "non-empty"),
+    ("classes: [0, 1]\n", "quote names"),
+    ("epochs: 3\n", "'classes' is required"),
+    ("", "expected a mapping"),
     ("classes: [cat, dog]\nfolds: 1\n", "'folds'"),
     ("classes: [cat, dog]\nheads: [resnet]\n", "'heads'"),
     ("classes: [cat, dog\n", "not valid YAML"),
@@ -26,3 +44,104 @@ def test_settings_round_trip(tmp_path):
     settings = Settings(classes=("cat", "dog"), epochs=3, heads=("l2softmax",))
     write_settings(tmp_path, settings)
     assert load_settings(tmp_path) == settings
+    full = Settings(classes=("T-shirt/top", "0", "yes"), image_size=512, channels=3, quarantine_warn_share=0.0,
+                    folds=2, epochs=1, batch_size=2, learning_rate=1.0, seed=2**32 - 1, heads=("l2softmax", "softmax"),
+                    bootstrap=50, tracking_uri="sqlite:///x.db", dvc_remote="s3://bucket/audit")
+    write_settings(tmp_path, full)
+    assert load_settings(tmp_path) == full
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write leaves no temporary file
+
+
+def test_defaults_and_spaces_around_class_names(tmp_path):
+    settings = _load(tmp_path, "classes: [' cat', 'dog ']\n")
+    assert settings.classes == ("cat", "dog") and settings.class_index() == {"cat": 0, "dog": 1}
+    assert settings == Settings(classes=("cat", "dog"))
+    assert "extra" not in asdict(settings)
+
+
+def test_a_typo_is_rejected_with_the_nearest_name(tmp_path):
+    message = _error(tmp_path, "classes: [cat, dog]\nepoch: 8\n")
+    assert message == f"{tmp_path / CONFIG_NAME}: unknown setting 'epoch': did you mean 'epochs'?"
+    message = _error(tmp_path, "classes: [cat, dog]\ncolour: red\n")
+    assert "unknown setting 'colour': the settings are classes, image_size, channels" in message
+
+
+def test_a_comma_decimal_is_rejected_naming_file_field_and_value(tmp_path):
+    message = _error(tmp_path, "classes: [cat, dog]\nlearning_rate: 0,002\n")
+    assert message == (f"{tmp_path / CONFIG_NAME}: 'learning_rate' must be a number > 0 and <= 1 (got '0,002'): "
+                       f"that is text, not a number; write 0.002 (a decimal point, not a comma)")
+
+
+@pytest.mark.parametrize("text, value", [
+    ("learning_rate: 1e-3", "'1e-3'"),  # YAML 1.1 reads an exponent without a dot as text
+    ("epochs: '8'", "'8'"),
+])
+def test_numbers_written_as_text_are_rejected(tmp_path, text, value):
+    message = _error(tmp_path, f"classes: [cat, dog]\n{text}\n")
+    assert f"(got {value}): that is text, not a number" in message
+
+
+@pytest.mark.parametrize("field", ["epochs", "folds", "batch_size", "seed", "bootstrap", "image_size", "channels"])
+def test_a_bool_is_not_an_int(tmp_path, field):
+    message = _error(tmp_path, f"classes: [cat, dog]\n{field}: true\n")
+    assert f"'{field}' must be " in message and "(got True)" in message
+
+
+def test_several_errors_are_reported_together_one_line_each(tmp_path):
+    message = _error(tmp_path, "classes: [cat, dog]\nepoch: 8\nfolds: 1\nlearning_rate: 0,002\nheads: []\n"
+                               "tracking_uri: 5\n")
+    lines = message.splitlines()
+    assert len(lines) == 5
+    assert all(line.startswith(f"{tmp_path / CONFIG_NAME}: ") for line in lines)
+    for name in ("'epoch'", "'folds'", "'learning_rate'", "'heads'", "'tracking_uri'"):
+        assert sum(name in line for line in lines) == 1, name
+
+
+# (field, rejected values, accepted values): each range's edges
+RANGES = [
+    ("learning_rate", ["0", "-0.1", "1.01", ".nan", ".inf", "null"], ["1", "0.000001", "0.5"]),
+    ("epochs", ["0", "-3", "2.0"], ["1", "40"]),
+    ("folds", ["1", "0", "3.5"], ["2", "10"]),
+    ("batch_size", ["1", "0"], ["2", "512"]),
+    ("bootstrap", ["49", "0"], ["50", "1000"]),
+    ("quarantine_warn_share", ["-0.01", "1.01", "'5%'"], ["0", "1", "0.2"]),
+    ("seed", ["-1", str(2**32)], ["0", str(2**32 - 1)]),
+    ("channels", ["2", "0", "4", "3.0"], ["1", "3", "null"]),
+    ("image_size", ["7", "513", "32.0"], ["8", "512", "null"]),
+    ("heads", ["[]", "softmax", "[resnet]", "[softmax, softmax]", "[softmax, 1]"],
+     ["[softmax]", "[l2softmax, softmax]"]),
+    ("tracking_uri", ["5", "null", "[a]"], ["''", "http://127.0.0.1:5000"]),
+    ("dvc_remote", ["5", "null"], ["''", "/srv/dvc"]),
+]
+
+
+@pytest.mark.parametrize("field, rejected, accepted", RANGES, ids=[r[0] for r in RANGES])
+def test_each_range(tmp_path, field, rejected, accepted):
+    for value in rejected:
+        message = _error(tmp_path, f"classes: [cat, dog]\n{field}: {value}\n")
+        assert message.startswith(f"{tmp_path / CONFIG_NAME}: '{field}' "), (value, message)
+        assert len(message.splitlines()) == 1 and "(got " in message, (value, message)
+    for value in accepted:
+        _load(tmp_path, f"classes: [cat, dog]\n{field}: {value}\n")
+
+
+def test_settings_built_in_code_are_validated_too():
+    settings = Settings(classes=("cat", "dog"))
+    with pytest.raises(ValueError):
+        replace(settings, folds=1)
+    with pytest.raises(ValueError):
+        Settings(classes=("cat", "dog"), extra={})
+
+
+def test_the_cli_stops_on_an_invalid_setting_before_any_work(tmp_path, capsys):
+    from pipelines.cli import main
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / CONFIG_NAME).write_text("classes: [cat, dog]\nlearning_rate: 0,002\nepoch: 8\n")
+    assert main(["run", "--home", str(home)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vendor-audit: error: {home / CONFIG_NAME}: unknown setting 'epoch'")
+    assert f"{home / CONFIG_NAME}: 'learning_rate' must be a number" in err and "'0,002'" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in home.iterdir()) == [CONFIG_NAME]  # nothing started: no instance, no lock
