@@ -3,6 +3,7 @@ out-of-fold probabilities. Scenarios use real images (Fashion-MNIST, scikit-lear
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import time
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ml.audit import run_audit
+from ml.scorecard import MIN_IMAGES_TO_RATE, compare_vendors
 from ml.datasets import load_dataset
 from ml.simulate import simulate_labels
-from ml.train import TrainConfig, cross_validate
+from ml.train import FoldEnsemble, TrainConfig, cross_validate, member_for_content, score_out_of_sample
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ class Scenario:
     noise: str = "uniform"
     ambiguous: float = 0.0
     epochs: int | None = None  # None: the benchmark's default
+    late: int = 0  # images per vendor delivered after training (scenario L), out of per_vendor
 
 
 SCENARIOS = {s.key: s for s in [
@@ -44,6 +48,10 @@ SCENARIOS = {s.key: s for s in [
     Scenario("E", "digits (8x8 upscaled), 3 x 550", "digits", {"a": 0.0, "b": 0.05, "c": 0.2}, 550),
     Scenario("W", "weak model: reference case, 2 epochs", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 2000,
              epochs=2),
+    Scenario("S500", "small vendors: 3 x 500", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 500),
+    Scenario("S100", "small vendors: 3 x 100", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 100),
+    Scenario("L", "late deliveries: 3 x 2,000 trained, then a byte copy and 1,000 new images of each",
+             "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 3000, late=1000),
 ]}
 
 
@@ -59,9 +67,13 @@ class BenchConfig:
     digits_epochs: int = 20
 
 
+def _epochs(scenario: Scenario, config: BenchConfig) -> int:
+    return scenario.epochs or (config.digits_epochs if scenario.dataset == "digits" else config.epochs)
+
+
 def _model_outputs(scenario: Scenario, seed: int, sim, n_classes: int, config: BenchConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """Out-of-fold probabilities and embeddings, cached per scenario, seed and training settings."""
-    epochs = scenario.epochs or (config.digits_epochs if scenario.dataset == "digits" else config.epochs)
+    epochs = _epochs(scenario, config)
     tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}.npz"
     path = config.cache / tag if config.cache else None
     if path is not None and path.is_file():
@@ -119,6 +131,7 @@ def run_seed(scenario: Scenario, seed: int, config: BenchConfig) -> dict:
     exact, pairs = _ranking_metrics(estimate, truth)
     baseline_exact, baseline_pairs = _ranking_metrics(baseline_rate, truth)
     ambiguous = sim.ambiguous
+    claims, wrong_claims = _claims(result, dict(zip(sim.vendors, truth)))
     return {
         "truth": truth, "estimate": estimate, "low": low, "high": high, "baseline": baseline_rate,
         "exact_ranking": exact, "pairs": pairs, "baseline_exact_ranking": baseline_exact, "baseline_pairs": baseline_pairs,
@@ -132,7 +145,21 @@ def run_seed(scenario: Scenario, seed: int, config: BenchConfig) -> dict:
         "top1": float((predicted == sim.true[:, 0]).mean()),
         "set_accuracy": float(((predicted == sim.true[:, 0]) | (predicted == sim.true[:, 1])).mean()),
         "seconds": train_seconds + audit_seconds,
+        "claims": claims, "wrong_claims": wrong_claims,
+        "rated": float((result.rates.n_images >= MIN_IMAGES_TO_RATE).mean()),
     }
+
+
+def _claims(result, truth: dict[str, float]) -> tuple[int, int]:
+    """Significant pairwise conclusions (Holm) and how many of them contradict the truth (a vendor
+    called better whose true rate is not lower)."""
+    comparisons = compare_vendors(result.vendors, result.rates)
+    claims = comparisons[comparisons["conclusion"].str.contains(" has fewer errors than ")]
+    wrong = 0
+    for conclusion in claims["conclusion"]:
+        better, worse = conclusion.split(" has fewer errors than ")
+        wrong += truth[better] >= truth[worse]
+    return len(claims), int(wrong)
 
 
 def summarize(scenario: Scenario, runs: list[dict]) -> dict:
@@ -170,6 +197,8 @@ def summarize(scenario: Scenario, runs: list[dict]) -> dict:
         "auroc": mean("auroc"), "ap": mean("ap"), "baseline_auroc": mean("baseline_auroc"), "baseline_ap": mean("baseline_ap"),
         "ambiguous_billed": mean("ambiguous_billed"), "baseline_ambiguous_billed": mean("baseline_ambiguous_billed"),
         "top1": mean("top1"), "set_accuracy": mean("set_accuracy"), "seconds": float(np.sum([r["seconds"] for r in runs])),
+        "claims": float(np.sum([r["claims"] for r in runs])), "wrong_claims": float(np.sum([r["wrong_claims"] for r in runs])),
+        "rated": mean("rated"),
     }
 
 
@@ -180,8 +209,9 @@ def _pct(values) -> str:
 def format_tables(summaries: list[dict]) -> str:
     """Markdown: a vendor-rate table and a detection table, ours beside cleanlab's (``ours | cleanlab``)."""
     rates = ["| scenario | seeds | vendors | true rate % | estimated % (ours \\| cleanlab) | MAE per vendor, points (ours \\| cleanlab) "
-             "| MAE all | 95% coverage | mean width | 0% vendor: interval reaches 0 | exact ranking | pair order (>=3 pts) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| MAE all | 95% coverage | mean width | 0% vendor: interval reaches 0 | exact ranking | pair order (>=3 pts) "
+             "| vendors rated | significant claims (wrong) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     detect = ["| scenario | precision | recall | F1 | F1 worst vendor | AUROC | AP | ambiguous billed | top-1 acc | set acc | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -193,7 +223,8 @@ def format_tables(summaries: list[dict]) -> str:
             f"| {s['mae']:.2f} \\| {s['baseline_mae']:.2f} | {100 * s['coverage']:.0f}% | {s['mean_width']:.1f} "
             f"| {zero} "
             f"| {100 * s['exact_ranking']:.0f}% \\| {100 * s['baseline_exact_ranking']:.0f}% "
-            f"| {100 * s['pair_accuracy']:.0f}% \\| {100 * s['baseline_pair_accuracy']:.0f}% |")
+            f"| {100 * s['pair_accuracy']:.0f}% \\| {100 * s['baseline_pair_accuracy']:.0f}% "
+            f"| {100 * s['rated']:.0f}% | {s['claims']:.0f} ({s['wrong_claims']:.0f}) |")
 
         def both(key: str, digits: int = 2) -> str:
             a, b = s[key], s[f"baseline_{key}"]
@@ -206,14 +237,149 @@ def format_tables(summaries: list[dict]) -> str:
     return "\n".join(["### Vendor error rates", "", *rates, "", "### Detection of wrong labels", "", *detect, ""])
 
 
-def run_benchmark(keys: list[str], config: BenchConfig) -> list[dict]:
-    summaries = []
+def run_benchmark(keys: list[str], config: BenchConfig) -> tuple[list[dict], list[dict]]:
+    """Summaries of the rate scenarios and of the late-delivery scenarios among ``keys``."""
+    summaries, late = [], []
     for key in keys:
         scenario = SCENARIOS[key]
         runs = []
         for seed in range(config.seeds):
             log.info("scenario %s seed %d/%d", key, seed + 1, config.seeds)
-            runs.append(run_seed(scenario, seed, config))
-        summaries.append(summarize(scenario, runs))
-        log.info("scenario %s done:\n%s", key, format_tables(summaries[-1:]))
-    return summaries
+            runs.append((run_late_seed if scenario.late else run_seed)(scenario, seed, config))
+        if scenario.late:
+            late.append(summarize_late(scenario, runs))
+            log.info("scenario %s done:\n%s", key, format_late_table(late[-1]))
+        else:
+            summaries.append(summarize(scenario, runs))
+            log.info("scenario %s done:\n%s", key, format_tables(summaries[-1:]))
+    return summaries, late
+
+
+# ---- scenario L: deliveries that land after training -----------------------------------------------
+
+def _content_keys(images: np.ndarray) -> np.ndarray:
+    """(N,) sha256 hex of each image's pixels: the content key the product derives from the file."""
+    return np.array([hashlib.sha256(image.tobytes()).hexdigest() for image in images])
+
+
+@torch.no_grad()
+def _fold_ensemble_scores(models, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """(N, K) mean of every fold model's probabilities: how later deliveries were scored before."""
+    ensemble = FoldEnsemble(models).eval()
+    return np.concatenate([ensemble(torch.from_numpy(images[i:i + batch_size])).numpy()
+                           for i in range(0, len(images), batch_size)]).astype(np.float64)
+
+
+def _late_outputs(scenario: Scenario, seed: int, sim, trained: np.ndarray, keys: np.ndarray, n_classes: int,
+                  config: BenchConfig) -> dict[str, np.ndarray]:
+    """Train on the ``trained`` images only; score the others (late) with one fold model each (as the
+    product does) and with the mean of the fold models (as before); score the trained images' copies
+    with the mean of the fold models, most of which trained on them (as before). Cached like the others."""
+    epochs = _epochs(scenario, config)
+    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}.npz"
+    path = config.cache / tag if config.cache else None
+    if path is not None and path.is_file():
+        with np.load(path) as saved:
+            return dict(saved)
+    started = time.perf_counter()
+    train_config = TrainConfig(head=config.head, epochs=epochs, folds=config.folds, seed=seed,
+                               batch_size=config.train_batch[scenario.dataset])
+    images = sim.images[..., None]
+    result = cross_validate(images[trained], sim.given[trained], n_classes, train_config)
+    ensemble = FoldEnsemble(result.models).eval()
+    late = ~trained
+    late_probs, late_embeddings = score_out_of_sample(ensemble, images[late],
+                                                      member_for_content(keys[late], config.folds))
+    outputs = {"probs": result.probs, "embeddings": result.embeddings, "late_probs": late_probs,
+               "late_embeddings": late_embeddings, "late_ensemble": _fold_ensemble_scores(result.models, images[late]),
+               "copy_ensemble": _fold_ensemble_scores(result.models, images[trained]),
+               "seconds": np.array(time.perf_counter() - started)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **outputs)
+        path.write_bytes(buffer.getvalue())
+    return outputs
+
+
+def run_late_seed(scenario: Scenario, seed: int, config: BenchConfig) -> dict:
+    """Each vendor's original delivery (trained on, out-of-fold), a byte copy of it and a delivery of new
+    images at the same error rate, both landed after training and scored by the champion; audited the
+    product's way and the previous way (fold-ensemble scores, noise mixture over every image)."""
+    data = load_dataset(scenario.dataset)
+    sim = simulate_labels(data, scenario.vendors, scenario.per_vendor, seed, scenario.noise, scenario.ambiguous)
+    position = np.arange(len(sim.given)) - np.searchsorted(sim.vendor, sim.vendor)  # index within its vendor
+    trained = position < scenario.per_vendor - scenario.late
+    keys = _content_keys(sim.images)
+    out = _late_outputs(scenario, seed, sim, trained, keys, len(data.classes), config)
+    names = np.array(sim.vendors)
+    classes = np.array(data.classes)
+    original, late = np.flatnonzero(trained), np.flatnonzero(~trained)
+    order = np.concatenate([original, original, late])
+    part = np.repeat(["", "-copy", "-late"], [len(original), len(original), len(late)])
+    vendor_name = np.char.add(names[sim.vendor[order]], part)
+    rows = pd.DataFrame({"image_id": [f"{v}/b/{i}" for v, i in zip(vendor_name, order)], "vendor": vendor_name,
+                         "batch": "b", "label": classes[sim.given[order]], "sha256": keys[order]})
+    was_trained = np.arange(len(order)) < len(original)
+    embeddings = np.concatenate([out["embeddings"], out["embeddings"], out["late_embeddings"]])
+    wrong = sim.wrong[order]
+    truth = pd.Series(wrong).groupby(vendor_name).mean()
+    figures = {}
+    for method, probs, trained_mask, frame in (
+            ("now", np.concatenate([out["probs"], out["probs"], out["late_probs"]]), was_trained, rows),
+            ("before", np.concatenate([out["probs"], out["copy_ensemble"], out["late_ensemble"]]), None,
+             rows.drop(columns="sha256"))):
+        result, _ = run_audit(frame, probs, embeddings, data.classes, n_boot=config.bootstrap, seed=seed,
+                              trained=trained_mask)
+        rate = dict(zip(result.vendors, result.rates.rate))
+        low, high = dict(zip(result.vendors, result.rates.low)), dict(zip(result.vendors, result.rates.high))
+        comparisons = compare_vendors(result.vendors, result.rates)
+        significant = set(map(tuple, comparisons.loc[comparisons["conclusion"].str.contains(" has fewer errors "),
+                                                     ["vendor_a", "vendor_b"]].values))
+        for v in sim.vendors:
+            for suffix in ("-copy", "-late"):
+                pair = tuple(sorted((v, v + suffix)))
+                figures[(method, v, suffix)] = {
+                    "difference": rate[v + suffix] - rate[v], "claimed": pair in significant,
+                    "covered": low[v + suffix] <= truth[v + suffix] <= high[v + suffix]}
+        if method == "now":  # the originals audited alone: how far the later deliveries moved them
+            alone, _ = run_audit(rows[was_trained], out["probs"], out["embeddings"], data.classes,
+                                 n_boot=config.bootstrap, seed=seed)
+            for i, v in enumerate(alone.vendors):
+                width = alone.rates.high[i] - alone.rates.low[i]
+                figures[("move", v)] = abs(rate[v] - alone.rates.rate[i]) / max(width, 1e-9)
+    return {"figures": figures, "vendors": list(sim.vendors), "truth": truth.to_dict()}
+
+
+def summarize_late(scenario: Scenario, runs: list[dict]) -> dict:
+    vendors = runs[0]["vendors"]
+    table = {}
+    for method in ("now", "before"):
+        for suffix in ("-copy", "-late"):
+            cells = [[r["figures"][(method, v, suffix)] for r in runs] for v in vendors]
+            table[(method, suffix)] = {
+                "difference": [100 * np.mean([c["difference"] for c in cell]) for cell in cells],
+                "abs_difference": [100 * np.mean([abs(c["difference"]) for c in cell]) for cell in cells],
+                "claimed": float(np.mean([c["claimed"] for cell in cells for c in cell])),
+                "covered": float(np.mean([c["covered"] for cell in cells for c in cell])),
+            }
+    move = [r["figures"][("move", v)] for r in runs for v in vendors]
+    return {"scenario": scenario.key, "title": scenario.title, "seeds": len(runs), "vendors": vendors,
+            "table": table, "max_move": float(np.max(move)), "mean_move": float(np.mean(move))}
+
+
+def format_late_table(summary: dict) -> str:
+    lines = [f"### {summary['scenario']} {summary['title']} ({summary['seeds']} seeds)", "",
+             "Rate of each later delivery minus its original's, per vendor "
+             f"({', '.join(summary['vendors'])}), in points; `now` is the product, `before` the previous scoring "
+             "(mean of the fold models, noise mixture over every image).", "",
+             "| delivery | scored | mean difference | mean absolute difference | pairs called different | "
+             "interval covers its truth |", "|---|---|---|---|---|---|"]
+    for suffix, label in (("-copy", "byte copy"), ("-late", "new images, same rate")):
+        for method in ("now", "before"):
+            cell = summary["table"][(method, suffix)]
+            lines.append(f"| {label} | {method} | {_pct(cell['difference'])} | {_pct(cell['abs_difference'])} "
+                         f"| {100 * cell['claimed']:.0f}% | {100 * cell['covered']:.0f}% |")
+    lines += ["", f"The later deliveries moved the originals' rates by at most {100 * summary['max_move']:.0f}% "
+              f"(mean {100 * summary['mean_move']:.0f}%) of their interval's width.", ""]
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from ml.bench import SCENARIOS, BenchConfig, _ranking_metrics, format_tables, run_seed, summarize
+from ml.bench import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
+                      run_late_seed, run_seed, summarize, summarize_late)
 
 
 def test_ranking_metrics():
@@ -36,3 +37,18 @@ def test_each_benchmark_replaces_only_its_own_section(tmp_path):
     assert "second" in text and "first" not in text and "timings" in text
     assert text.index("second") < text.index("timings")  # replaced in place, not moved
     assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench-incremental:end -->") == 1
+
+
+def test_late_deliveries_read_like_their_originals(tmp_path):
+    """A byte copy landed after training gets its original's rate; the previous scoring (the mean of
+    the fold models, which trained on those very images) read it lower."""
+    scenario = Scenario("Ltest", "late digits", "digits", {"a": 0.0, "b": 0.1, "c": 0.3}, 200, late=60)
+    config = BenchConfig(seeds=1, folds=2, digits_epochs=8, bootstrap=10, cache=tmp_path)
+    run = run_late_seed(scenario, 0, config)
+    for v in ("a", "b", "c"):
+        copy = run["figures"][("now", v, "-copy")]
+        assert abs(copy["difference"]) < 1e-9 and not copy["claimed"]
+        assert run["figures"][("move", v)] < 1 / 3  # later deliveries move an original by under a third of its interval
+    assert run["figures"][("before", "c", "-copy")]["difference"] < -0.05  # read back the labels it learned
+    summary = summarize_late(scenario, [run])
+    assert "| byte copy | now | 0.0 / 0.0 / 0.0 |" in format_late_table(summary)
