@@ -1,6 +1,7 @@
 """The vendor scorecard, pairwise comparisons and the report, from the label issues."""
 
 import json
+from datetime import datetime, timezone
 
 import dagster as dg
 import numpy as np
@@ -8,8 +9,8 @@ import pandas as pd
 
 from assets.scoring import _require_champion, _table, label_issues
 from ml.audit import load_audit
-from ml.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
-from ml.report import confusion_plot, render_report
+from ml.files import atomic_write_bytes, atomic_write_csv
+from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
 from ml.scorecard import build_scorecard, compare_vendors
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
@@ -20,7 +21,8 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     kinds={"pandas", "mlflow"},
     pool="dvc",
     description="One row per vendor: error rate with a 95% interval, flagged and ambiguous counts, rank; "
-                "pairwise comparisons and a Markdown report with confusion plots under reports/.",
+                "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
+                "self-contained report.html).",
 )
 def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
                      mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
@@ -39,19 +41,19 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     reports = audit_home.reports
     atomic_write_csv(reports / "scorecard.csv", scorecard)
     atomic_write_csv(reports / "comparisons.csv", comparisons)
-    plots = {}
-    for v, name in enumerate(vendors):
-        atomic_write_bytes(reports / "plots" / f"confusion-{name}.png",
-                           confusion_plot(confusion[v], settings.classes, f"{name}: estimated confusion"))
-        plots[name] = f"plots/confusion-{name}.png"
     provenance = {"dataset_version": dataset_version,
                   "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
                   "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
                   "head": champion["head"], "mlflow_run": champion["run_id"]}
-    top = issues[issues["verdict"] == "error"].sort_values("p_error", ascending=False).head(15)
-    report = render_report(scorecard, comparisons, provenance, plots, top[["image_id", "given_label",
-                                                                          "suggested_label", "p_error"]])
-    atomic_write_text(reports / "report.md", report)
+    annotators_path = reports / "annotators.csv"
+    report = build_report(
+        scorecard, comparisons, issues, confusion, vendors, settings.classes,
+        {**provenance, "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+        images=load_issue_images(audit_home.curated, likely_errors(issues)),
+        quarantined=read_quarantine(audit_home.quarantine), quarantine_warn_share=settings.quarantine_warn_share,
+        n_boot=rates.bootstrap.shape[0],
+        annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None)
+    write_report(reports, report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
     dvc.commit_stage("audit")
     mlflow = mlflow_tracking.start()
@@ -61,6 +63,6 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     return dg.MaterializeResult(metadata={
         "scorecard": _table(scorecard),
         "comparisons": _table(comparisons),
-        "report": dg.MetadataValue.md(report),
+        "report": dg.MetadataValue.md(report.markdown),
         **provenance,
     })
