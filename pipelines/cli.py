@@ -136,13 +136,73 @@ def _run(args) -> None:
 
 
 def _ui(args) -> None:
+    """Run ``dagster dev`` on the home until it exits or this process gets SIGTERM or SIGINT, which is
+    forwarded to dagster's whole process group (webserver, daemon, code server); whatever is left of
+    the group after a grace period is killed. Exits with dagster's status, or 128 + the signal."""
+    import signal
     import subprocess
+    import time
 
+    from ml.config import CONFIG_NAME, load_settings
+
+    grace = 20.0  # seconds for dagster to shut down its children before SIGKILL
+    if not (args.home / CONFIG_NAME).is_file():  # never create a stray home from a mistyped path
+        raise ValueError(f"{args.home} is not a vendor-audit home (no {CONFIG_NAME}): create one with "
+                         f"vendor-audit simulate --home {args.home} or write its settings file")
+    load_settings(args.home)
     open_instance(args.home)
     env = dict(os.environ, VENDOR_AUDIT_HOME=str(args.home), DAGSTER_HOME=str(args.home / "dagster"))
-    command = [sys.executable, "-m", "dagster", "dev", "-m", "pipelines.definitions", "-h", args.host, "-p", str(args.port)]
-    log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
-    sys.exit(subprocess.call(command, env=env))
+    command = [sys.executable, "-m", "dagster", "dev", "-m", "pipelines.definitions", "-h", args.host,
+               "-p", str(args.port)]
+    started: list[subprocess.Popen] = []
+    received: list[tuple[int, float]] = []  # (signal, when)
+
+    def signal_group(signum: int) -> bool:
+        """Send ``signum`` to dagster's process group; False when the group has no process left."""
+        try:
+            os.killpg(started[0].pid, signum)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def forward(signum, _frame) -> None:
+        received.append((signum, time.monotonic()))
+        if started:
+            signal_group(signum)
+
+    # handlers first, so a signal that arrives while dagster starts is forwarded too
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # its own session: the terminal's Ctrl-C reaches it only through `forward`, and the group
+        # is stopped as one
+        started.append(subprocess.Popen(command, env=env, start_new_session=True))
+        process = started[0]
+        log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
+        if received:  # a signal arrived while dagster was starting
+            signal_group(received[-1][0])
+        while process.poll() is None and not (received and time.monotonic() > received[0][1] + grace):
+            try:
+                process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        if process.returncode is None:
+            log.warning("dagster did not stop within %.0f s of the signal: killing its process group", grace)
+            signal_group(signal.SIGKILL)
+        elif signal_group(signal.SIGTERM):  # dagster exited but left processes of its group running
+            deadline = time.monotonic() + grace
+            while signal_group(0) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            signal_group(signal.SIGKILL)
+        process.wait()
+    finally:
+        if started and started[0].returncode is None:  # an unexpected error here: leave nothing running
+            signal_group(signal.SIGKILL)
+            started[0].wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:  # stopped by a signal: the shell's convention, 143 for SIGTERM, 130 for Ctrl-C
+        sys.exit(128 + received[0][0])
+    sys.exit(process.returncode if process.returncode >= 0 else 128 - process.returncode)
 
 
 def _mlflow_ui(args) -> None:

@@ -1,5 +1,15 @@
 """The real MLflow and Dagster servers, on 127.0.0.1, show what the audit recorded."""
 
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
 from pipelines.servers import dagster_dev_command, free_port, http_json, mlflow_server_command, running
 
 
@@ -66,3 +76,57 @@ def test_screenshots_show_the_lineage_and_the_run_comparison(audited_home, tmp_p
         with Image.open(png) as image:
             assert image.size == (1600, 1000)
             assert len(set(image.convert("L").getdata())) > 20  # a rendered page, not a blank one
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_ui_stops_dagster_and_all_its_processes_on_a_signal_to_the_cli(small_home, tmp_path, stop_signal):
+    """`vendor-audit ui` starts `dagster dev` in a group of its own (webserver, daemon, code servers);
+    a signal to the `vendor-audit` process alone must stop every process of that group."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cli = Path(sys.executable).with_name("vendor-audit")
+    command = [str(cli), "ui", "--home", str(small_home), "--port", str(port)]
+    groups: set[int] = set()
+    with running(command, f"{base}/server_info", {}, tmp_path / "ui.log", timeout=180) as ui:
+        try:
+            descendants = psutil.Process(ui.pid).children(recursive=True)
+            groups = {os.getpgid(p.pid) for p in descendants}
+            assert groups and ui.pid not in groups  # dagster runs in its own group, apart from the CLI's
+            assert any("dagster_webserver" in " ".join(p.cmdline()) for p in descendants)
+            os.kill(ui.pid, stop_signal)  # the CLI alone, as a service manager or a terminal's Ctrl-C would
+            assert ui.wait(timeout=60) == 128 + stop_signal
+            _, alive = psutil.wait_procs(descendants, timeout=30)
+            assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+            for pgid in groups:
+                deadline = time.monotonic() + 30  # orphaned zombies wait for init to reap them
+                while _group_exists(pgid) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                with pytest.raises(ProcessLookupError):
+                    os.killpg(pgid, 0)
+            with pytest.raises(OSError):  # nothing listens on the port any more
+                urllib.request.urlopen(f"{base}/server_info", timeout=5)
+        finally:
+            for pgid in groups:  # whatever a failure left behind
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_ui_refuses_a_home_that_does_not_exist(tmp_path, capsys):
+    from pipelines.cli import main
+
+    home = tmp_path / "typo"
+    assert main(["ui", "--home", str(home)]) == 2
+    assert capsys.readouterr().err == (
+        f"vendor-audit: error: {home} is not a vendor-audit home (no vendor-audit.yaml): "
+        f"create one with vendor-audit simulate --home {home} or write its settings file\n")
+    assert not home.exists()
