@@ -3,7 +3,8 @@
 import dagster as dg
 
 from assets.ingestion import vendor_delivery
-from ml.delivery import load_curated
+from ml.config import CONFIG_NAME
+from ml.delivery import TaxonomyChanged, check_taxonomy, load_curated
 from pipelines.resources import AuditHome, DvcRepo
 
 
@@ -16,6 +17,10 @@ from pipelines.resources import AuditHome, DvcRepo
                 "the version is the DVC hash of curated/.",
 )
 def curated_dataset(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo) -> dg.MaterializeResult:
+    try:  # curated labels in another class list than the models would be read with: stop here
+        check_taxonomy(audit_home.curated, audit_home.settings().classes, audit_home.root / CONFIG_NAME)
+    except TaxonomyChanged as exc:
+        raise dg.Failure(str(exc)) from exc
     rows, images = load_curated(audit_home.curated)
     version = dvc.snapshot("curated")
     context.log.info(f"dataset version {version}: {len(rows)} images from {rows['vendor'].nunique()} vendors")

@@ -1,6 +1,10 @@
 """Validation of one vendor delivery: every row ends curated or quarantined with a reason.
 
 A delivery is ``landing/<vendor>/<batch>/`` with ``labels.csv``, the images, and ``_READY`` written last.
+The curated folder (versioned by DVC) holds content only: rows, decoded images, the image format and
+the taxonomy. What a delivery looked like when it was read (its change-detection fingerprint, its
+counts, whether it was rejected whole) is kept apart, under the home's state folder, so the dataset
+version is a function of the data alone.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import io
 import json
 import logging
 import re
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +34,17 @@ REQUIRED_COLUMNS = ("image", "label")
 OPTIONAL_COLUMNS = ("annotator", "labeled_at")
 CURATED_COLUMNS = ["image_id", "vendor", "batch", "image", "label", "row", "sha256"]
 QUARANTINE_COLUMNS = ["vendor", "batch", "row", "image", "label", "reason"]
+NAME_RULE = "name may only contain letters, digits, - and _"
+TAXONOMY_FILE = "taxonomy.json"
+INGESTED, REJECTED = "ingested", "rejected"
 
 
 class DeliveryError(ValueError):
     """The delivery as a whole cannot be read; the message names the file and the reason."""
+
+
+class TaxonomyChanged(ValueError):
+    """The settings' class list differs from the one the curated data was ingested with."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +82,66 @@ def parse_key(key: str) -> tuple[str, str]:
     return vendor, batch
 
 
+@dataclass(frozen=True)
+class IgnoredFolder:
+    """An entry of the landing folder that is never opened: ``path`` relative to landing/, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class LandingScan:
+    """What the landing folder holds: complete deliveries, deliveries still waiting for ``_READY``,
+    and entries ignored with the reason."""
+
+    ready: list[Delivery] = field(default_factory=list)
+    waiting: list[Delivery] = field(default_factory=list)
+    ignored: list[IgnoredFolder] = field(default_factory=list)
+
+
+def _why_ignored(entry: Path, expected: str) -> str | None:
+    """Why ``entry`` cannot be a vendor or batch folder, or None when it can."""
+    if entry.is_symlink():
+        return f"a symlink where a {expected} folder is expected (never followed)"
+    if not entry.is_dir():
+        return f"a file where a {expected} folder is expected"
+    if not NAME_RE.match(entry.name):
+        return NAME_RULE
+    return None
+
+
+def scan_landing(landing: Path) -> LandingScan:
+    """Sort every entry of ``landing`` into ready, waiting or ignored, in name order.
+
+    A vendor folder that is ignored (bad name, symlink, a file) is never opened, so its batches are
+    not listed.
+    """
+    scan = LandingScan()
+    if not landing.is_dir():
+        return scan
+    for vendor_dir in sorted(landing.iterdir()):
+        reason = _why_ignored(vendor_dir, "vendor")
+        if reason:
+            scan.ignored.append(IgnoredFolder(vendor_dir.name, reason))
+            continue
+        for batch_dir in sorted(vendor_dir.iterdir()):
+            reason = _why_ignored(batch_dir, "batch")
+            if reason:
+                scan.ignored.append(IgnoredFolder(f"{vendor_dir.name}/{batch_dir.name}", reason))
+                continue
+            delivery = Delivery(vendor_dir.name, batch_dir.name, batch_dir)
+            (scan.ready if (batch_dir / READY_MARKER).is_file() else scan.waiting).append(delivery)
+    return scan
+
+
 def find_ready_deliveries(landing: Path) -> list[Delivery]:
     """Complete deliveries (``_READY`` present) under ``landing``, sorted by key.
 
-    Folders whose names are not letters, digits, ``-`` and ``_`` are skipped, never opened.
+    Folders whose names are not letters, digits, ``-`` and ``_`` are skipped, never opened
+    (:func:`scan_landing` says which and why).
     """
-    found = []
-    if not landing.is_dir():
-        return found
-    for vendor_dir in sorted(p for p in landing.iterdir() if p.is_dir() and not p.is_symlink()):
-        if not NAME_RE.match(vendor_dir.name):
-            continue
-        for batch_dir in sorted(p for p in vendor_dir.iterdir() if p.is_dir() and not p.is_symlink()):
-            if NAME_RE.match(batch_dir.name) and (batch_dir / READY_MARKER).is_file():
-                found.append(Delivery(vendor_dir.name, batch_dir.name, batch_dir))
-    return found
+    return scan_landing(landing).ready
 
 
 def read_labels_csv(path: Path) -> pd.DataFrame:
@@ -239,15 +296,53 @@ def is_ingested(delivery: Delivery, curated: Path) -> bool:
     return (curated / delivery.vendor / delivery.batch / "rows.csv").is_file()
 
 
-def has_changed(delivery: Delivery, curated: Path) -> bool:
-    """Whether an ingested delivery's files changed in the landing folder since its ingestion."""
-    record = curated / delivery.vendor / delivery.batch / "delivery.json"
-    return record.is_file() and json.loads(record.read_text())["fingerprint"] != delivery_fingerprint(delivery.folder)
+def state_path(state: Path, delivery: Delivery) -> Path:
+    """Where a delivery's record lives: ``<state>/<vendor>/<batch>.json`` (outside curated/)."""
+    return state / delivery.vendor / f"{delivery.batch}.json"
 
 
-def changed_deliveries(landing: Path, curated: Path) -> list[str]:
-    """Keys of ingested deliveries whose files changed in the landing folder since ingestion."""
-    return [d.key for d in find_ready_deliveries(landing) if has_changed(d, curated)]
+def read_state(state: Path, delivery: Delivery, curated: Path | None = None) -> dict | None:
+    """A delivery's record (``status`` ingested or rejected, ``fingerprint``, ``n_delivered``,
+    ``n_accepted``, ``n_quarantined``, ``reason`` when rejected), or None when it was never read.
+
+    Homes made before records moved out of curated/ kept them as ``curated/<vendor>/<batch>/delivery.json``;
+    that file is read when ``curated`` is given and no record exists.
+    """
+    path = state_path(state, delivery)
+    if path.is_file():
+        return json.loads(path.read_text())
+    legacy = curated / delivery.vendor / delivery.batch / "delivery.json" if curated is not None else None
+    if legacy is not None and legacy.is_file():
+        return {"status": INGESTED, **json.loads(legacy.read_text())}
+    return None
+
+
+def write_state(state: Path, delivery: Delivery, record: dict) -> None:
+    atomic_write_bytes(state_path(state, delivery), json.dumps(record, indent=2).encode())
+
+
+def is_rejected(delivery: Delivery, state: Path) -> bool:
+    """Whether the delivery was rejected whole (its labels.csv unusable): settled, not retried."""
+    record = read_state(state, delivery)
+    return record is not None and record.get("status") == REJECTED
+
+
+def is_settled(delivery: Delivery, curated: Path, state: Path) -> bool:
+    """Ingested, or rejected whole: nothing more to do for this delivery."""
+    return is_ingested(delivery, curated) or is_rejected(delivery, state)
+
+
+def has_changed(delivery: Delivery, curated: Path, state: Path) -> bool:
+    """Whether a delivery's files changed in the landing folder since it was read (ingested or rejected)."""
+    if not (is_settled(delivery, curated, state)):
+        return False
+    record = read_state(state, delivery, curated)
+    return record is not None and record["fingerprint"] != delivery_fingerprint(delivery.folder)
+
+
+def changed_deliveries(landing: Path, curated: Path, state: Path) -> list[str]:
+    """Keys of ingested or rejected deliveries whose files changed in the landing folder since."""
+    return [d.key for d in find_ready_deliveries(landing) if has_changed(d, curated, state)]
 
 
 def _sha256(path: Path) -> str:
@@ -256,20 +351,41 @@ def _sha256(path: Path) -> str:
 
 # ---- curated storage -------------------------------------------------------------------------
 
-def write_curated(curated: Path, quarantine: Path, delivery: Delivery, result: IngestResult) -> None:
-    """Store a delivery's curated rows and images and its quarantine, each file atomically.
+def write_curated(curated: Path, quarantine: Path, state: Path, delivery: Delivery, result: IngestResult) -> None:
+    """Store a delivery's curated rows and images, its quarantine and its record, each file atomically.
 
-    The rows file is written last, so a rows file always has its images, quarantine and record.
+    Leftovers of an interrupted ingestion are removed first. The rows file is written last, so a rows
+    file always has its images, quarantine and record.
     """
     folder = curated / delivery.vendor / delivery.batch
+    if not (folder / "rows.csv").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # temporary files of a killed run are not data
     buffer = io.BytesIO()
     np.save(buffer, result.images, allow_pickle=False)
     atomic_write_bytes(folder / "images.npy", buffer.getvalue())
     atomic_write_csv(quarantine / delivery.vendor / f"{delivery.batch}.csv", result.quarantine)
-    record = {"fingerprint": result.fingerprint, "n_delivered": result.n_delivered,
-              "n_accepted": len(result.accepted), "n_quarantined": len(result.quarantine)}
-    atomic_write_bytes(folder / "delivery.json", json.dumps(record, indent=2).encode())
+    write_state(state, delivery, {"status": INGESTED, "fingerprint": result.fingerprint,
+                                  "n_delivered": result.n_delivered, "n_accepted": len(result.accepted),
+                                  "n_quarantined": len(result.quarantine)})
     atomic_write_csv(folder / "rows.csv", result.accepted)  # last: a rows file always has its images
+
+
+def reject_delivery(curated: Path, quarantine: Path, state: Path, delivery: Delivery, reason: str,
+                    fingerprint: str) -> pd.DataFrame:
+    """Quarantine a delivery whole: one quarantine row (``row`` 0, empty image and label) with the
+    reason, nothing curated, and a record so that it is not read again. Returns the quarantine row."""
+    shutil.rmtree(curated / delivery.vendor / delivery.batch, ignore_errors=True)  # no half-curated rest
+    frame = pd.DataFrame([{"vendor": delivery.vendor, "batch": delivery.batch, "row": 0, "image": "",
+                           "label": "", "reason": reason}], columns=QUARANTINE_COLUMNS)
+    atomic_write_csv(quarantine / delivery.vendor / f"{delivery.batch}.csv", frame)
+    write_state(state, delivery, {"status": REJECTED, "fingerprint": fingerprint, "reason": reason,
+                                  "n_delivered": None, "n_accepted": 0, "n_quarantined": None})
+    return frame
+
+
+def has_curated(curated: Path) -> bool:
+    """Whether at least one delivery is curated."""
+    return any(curated.glob("*/*/rows.csv"))
 
 
 def _curated_row_files(curated: Path) -> list[Path]:
@@ -321,3 +437,167 @@ def read_format(curated: Path) -> tuple[int, int] | None:
 
 def write_format(curated: Path, image_size: int, channels: int) -> None:
     atomic_write_bytes(curated / "format.json", json.dumps({"image_size": image_size, "channels": channels}).encode())
+
+
+# ---- taxonomy --------------------------------------------------------------------------------
+
+def read_taxonomy(curated: Path) -> tuple[str, ...] | None:
+    """The class list the curated data was ingested with, or None when none is recorded."""
+    path = curated / TAXONOMY_FILE
+    return tuple(json.loads(path.read_text())["classes"]) if path.is_file() else None
+
+
+def record_taxonomy(curated: Path, classes: tuple[str, ...]) -> None:
+    """Record the class list of the curated labels (content only: the names in order)."""
+    atomic_write_bytes(curated / TAXONOMY_FILE, json.dumps({"classes": list(classes)}, indent=2).encode())
+
+
+def describe_taxonomy_change(recorded: tuple[str, ...], classes: tuple[str, ...]) -> str:
+    """``"renamed 'dog' -> 'Dog'; added 'bird'"`` and the like; empty when the lists are equal.
+
+    A class removed at the place where another is added is read as a rename.
+    """
+    if tuple(recorded) == tuple(classes):
+        return ""
+    removed = [c for c in recorded if c not in classes]
+    added = [c for c in classes if c not in recorded]
+    renamed = [(old, classes[i]) for i, old in enumerate(recorded)
+               if old in removed and i < len(classes) and classes[i] in added]
+    removed = [c for c in removed if c not in {old for old, _ in renamed}]
+    added = [c for c in added if c not in {new for _, new in renamed}]
+    parts = [f"renamed {old!r} -> {new!r}" for old, new in renamed]
+    parts += [f"added {c!r}" for c in added] + [f"removed {c!r}" for c in removed]
+    if not parts:
+        parts.append("the same classes in another order (class numbers change)")
+    return "; ".join(parts)
+
+
+def check_taxonomy(curated: Path, classes: tuple[str, ...], settings_file: Path | str = "the settings") -> None:
+    """Raise TaxonomyChanged when ``classes`` differ from the class list the curated data was
+    ingested with (``curated/taxonomy.json``). Curated data from before the list was recorded is
+    checked against its labels: each must be one of ``classes``."""
+    recorded = read_taxonomy(curated)
+    if recorded is None:
+        if not has_curated(curated):
+            return
+        labels = sorted(set(load_curated_rows(curated)["label"]))
+        unknown = [label for label in labels if label not in classes]
+        if not unknown:
+            return
+        change, old = f"curated labels {unknown} are not among them", labels
+    else:
+        change, old = describe_taxonomy_change(recorded, classes), list(recorded)
+        if not change:
+            return
+    raise TaxonomyChanged(
+        f"{settings_file}: 'classes' differ from the taxonomy the curated data was ingested with "
+        f"({curated / TAXONOMY_FILE}): {change}. The curated labels and the trained models use the old "
+        f"list {old}. Nothing was run. Restore the old list in the settings, or start a new home "
+        f"(--home) and deliver again.")
+
+
+# ---- what a run did, for its summary -------------------------------------------------------------
+
+@dataclass
+class DeliveryOutcome:
+    """How one delivery was read: ``status`` ingested or rejected; row counts (None where the rows
+    could not be read); the most frequent quarantine reasons as (reason, count); ``reason``: why it
+    was rejected whole; ``quarantine_share`` against ``share_limit`` (a rejected delivery counts 1.0)."""
+
+    key: str
+    status: str
+    n_delivered: int | None
+    n_accepted: int
+    n_quarantined: int | None
+    top_reasons: list[tuple[str, int]]
+    reason: str
+    quarantine_share: float
+    share_limit: float
+
+    @property
+    def check_failed(self) -> bool:
+        return self.quarantine_share > self.share_limit
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason without its row numbers and parenthesised details, to count alike reasons
+    together: ``duplicate image row (first at row 3)`` -> ``duplicate image row``."""
+    kind = re.sub(r"\s*\([^()]*\)", "", reason)
+    return re.sub(r"\brow \d+", "row N", kind).strip() or reason
+
+
+def delivery_outcome(delivery: Delivery, quarantine: Path, state: Path, share_limit: float,
+                     top: int = 3) -> DeliveryOutcome | None:
+    """The outcome of a delivery from its record and quarantine file; None when it was never read."""
+    record = read_state(state, delivery)
+    if record is None:
+        return None
+    if record.get("status") == REJECTED:
+        return DeliveryOutcome(delivery.key, REJECTED, None, 0, None, [], record.get("reason", ""), 1.0, share_limit)
+    path = quarantine / delivery.vendor / f"{delivery.batch}.csv"
+    reasons = pd.read_csv(path, dtype=str, keep_default_na=False)["reason"] if path.is_file() else pd.Series([], dtype=str)
+    counts = reasons.map(reason_kind).value_counts()
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top]
+    n_delivered, n_quarantined = int(record["n_delivered"]), int(record["n_quarantined"])
+    share = n_quarantined / n_delivered if n_delivered else 0.0
+    return DeliveryOutcome(delivery.key, INGESTED, n_delivered, int(record["n_accepted"]), n_quarantined,
+                           [(str(r), int(c)) for r, c in ordered], "", share, share_limit)
+
+
+@dataclass
+class RunSummary:
+    """What one run found: ``outcomes`` of the deliveries read in this run, deliveries that changed
+    after they were read (keys), landing entries ``ignored`` and deliveries ``waiting`` for
+    ``_READY`` (``vendor/batch``), and ``vendor_warnings`` (vendor -> note from the scorecard)."""
+
+    outcomes: list[DeliveryOutcome] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    ignored: list[IgnoredFolder] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    vendor_warnings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ingested(self) -> list[DeliveryOutcome]:
+        return [o for o in self.outcomes if o.status == INGESTED]
+
+    @property
+    def rejected(self) -> list[DeliveryOutcome]:
+        return [o for o in self.outcomes if o.status == REJECTED]
+
+    @property
+    def failed_checks(self) -> list[DeliveryOutcome]:
+        return [o for o in self.outcomes if o.check_failed]
+
+    @property
+    def input_problems(self) -> bool:
+        """A delivery read in this run was rejected whole or failed its quarantine_share check."""
+        return bool(self.rejected or self.failed_checks)
+
+
+def vendor_notes(scorecard_csv: Path) -> dict[str, str]:
+    """vendor -> the non-empty ``note`` of its scorecard row (a warning about that vendor's figures)."""
+    if not scorecard_csv.is_file():
+        return {}
+    card = pd.read_csv(scorecard_csv, dtype=str, keep_default_na=False)
+    if "note" not in card.columns:
+        return {}
+    return {v: n.strip() for v, n in zip(card["vendor"], card["note"]) if n.strip()}
+
+
+def summarize_run(read_keys: list[str], landing: Path, curated: Path, quarantine: Path, state: Path,
+                  share_limit: float, scorecard_csv: Path | None = None, changed: list[str] | None = None) -> RunSummary:
+    """Gather the facts a run reports: outcomes of the deliveries in ``read_keys`` (read in this run),
+    changed (found again unless given), ignored and waiting landing entries, and vendor warnings from
+    ``scorecard_csv``."""
+    scan = scan_landing(landing)
+    outcomes = []
+    for key in read_keys:
+        vendor, batch = parse_key(key)
+        outcome = delivery_outcome(Delivery(vendor, batch, landing / vendor / batch), quarantine, state, share_limit)
+        if outcome is not None:
+            outcomes.append(outcome)
+    if changed is None:
+        changed = [d.key for d in scan.ready if has_changed(d, curated, state)]
+    return RunSummary(outcomes=outcomes, changed=changed, ignored=scan.ignored,
+                      waiting=[f"{d.vendor}/{d.batch}" for d in scan.waiting],
+                      vendor_warnings=vendor_notes(scorecard_csv) if scorecard_csv is not None else {})

@@ -6,7 +6,7 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.scoring import batch_scores
 from assets.training import cv_models
-from ml.delivery import changed_deliveries, find_ready_deliveries, is_ingested
+from ml.delivery import changed_deliveries, find_ready_deliveries, is_settled, scan_landing
 from pipelines.resources import AuditHome, MlflowTracking
 
 ingest_job = dg.define_asset_job(
@@ -31,15 +31,19 @@ def new_deliveries(instance: dg.DagsterInstance, audit_home: AuditHome) -> list[
 
 
 def pending_deliveries(audit_home: AuditHome) -> list[str]:
-    """Keys of complete deliveries whose ingestion has not completed (new, or interrupted)."""
-    return [d.key for d in find_ready_deliveries(audit_home.landing) if not is_ingested(d, audit_home.curated)]
+    """Keys of complete deliveries not yet ingested nor rejected whole (new, or interrupted)."""
+    return [d.key for d in find_ready_deliveries(audit_home.landing)
+            if not is_settled(d, audit_home.curated, audit_home.delivery_state)]
 
 
 @dg.sensor(job=ingest_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
            description="Adds a partition for every complete (_READY) delivery not yet ingested and requests its run.")
 def delivery_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome) -> dg.SensorResult:
-    for key in changed_deliveries(audit_home.landing, audit_home.curated):
-        context.log.warning(f"delivery {key} changed after ingestion: ignored; deliver it under a new batch name")
+    for key in changed_deliveries(audit_home.landing, audit_home.curated, audit_home.delivery_state):
+        context.log.warning(f"delivery {key} changed after it was ingested or rejected: ignored; deliver it "
+                            "under a new batch name")
+    for ignored in scan_landing(audit_home.landing).ignored:
+        context.log.warning(f"landing/{ignored.path} ignored: {ignored.reason}")
     keys = new_deliveries(context.instance, audit_home)
     if not keys:
         return dg.SensorResult(skip_reason=f"no new complete delivery under {audit_home.landing}")

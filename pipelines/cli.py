@@ -6,9 +6,15 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from ml.delivery import RunSummary
 
 DEFAULT_VENDORS = "a=0.0,b=0.05,c=0.2"
 DAGSTER_YAML = """\
@@ -42,9 +48,28 @@ def open_instance(home: Path):
     return dg.DagsterInstance.from_config(str(dagster_home))
 
 
+@dataclass
+class AuditRun:
+    """What ``run`` produced: the scorecard (None when no delivery is curated yet) and the facts for
+    its summary."""
+
+    scorecard: pd.DataFrame | None
+    summary: RunSummary
+
+
 def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     """Ingest and score every new complete delivery, then refresh the scorecard; train when there is
     no model yet or ``retrain`` is asked. Returns the scorecard."""
+    from ml.delivery import DeliveryError
+
+    done = audit(home, retrain)
+    if done.scorecard is None:
+        raise DeliveryError(f"{home / 'landing'}: nothing to audit: no delivery is curated yet")
+    return done.scorecard
+
+
+def audit(home: Path, retrain: bool = False, debug: bool = False) -> AuditRun:
+    """:func:`run_audit` with the run's summary; ``debug`` keeps Dagster's tracebacks and DEBUG events."""
     from ml.config import load_settings
     from pipelines.locks import exclusive
 
@@ -52,49 +77,151 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     # one audit of a home at a time: a second `run` (a batch landing mid-run, the schedule) waits,
     # then finds what the first left to do
     with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
-        return _run_audit_locked(home, retrain)
+        return _audit_locked(home, retrain, debug)
 
 
-def _run_audit_locked(home: Path, retrain: bool) -> pd.DataFrame:
-    from ml.delivery import changed_deliveries, load_curated_rows
+def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
+    from ml.config import CONFIG_NAME, load_settings
+    from ml.delivery import (
+        Delivery, changed_deliveries, check_taxonomy, delivery_outcome, has_curated, is_ingested, load_curated_rows,
+        parse_key, scan_landing, summarize_run,
+    )
     from pipelines.store import champion_outputs
     from pipelines.automation import new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
 
+    settings = load_settings(home)
+    audit_home = AuditHome(home=str(home))
+    # curated labels and trained models speak the recorded class list: refuse before any work
+    check_taxonomy(audit_home.curated, settings.classes, home / CONFIG_NAME)
     instance = open_instance(home)
     defs = build_definitions(str(home))
-    audit_home = AuditHome(home=str(home))
+    for ignored in scan_landing(audit_home.landing).ignored:
+        log.warning("landing/%s ignored: %s", ignored.path, ignored.reason)
     added = new_deliveries(instance, audit_home)
     if added:
         instance.add_dynamic_partitions("deliveries", added)
     keys = pending_deliveries(audit_home)  # new ones, and any whose ingestion was interrupted
-    ingest = defs.resolve_job_def("ingest_deliveries")
+
+    def execute(job_name: str, **kwargs) -> None:
+        _execute(defs, job_name, instance, debug, **kwargs)
+
+    def delivery_of(key: str) -> Delivery:
+        vendor, batch = parse_key(key)
+        return Delivery(vendor, batch, audit_home.landing / vendor / batch)
+
     for number, key in enumerate(keys, start=1):
         log.info("ingesting delivery %s (%d of %d)", key, number, len(keys))
-        ingest.execute_in_process(instance=instance, partition_key=key)
-    for key in changed_deliveries(audit_home.landing, audit_home.curated):
-        log.error("delivery %s changed in the landing folder after it was ingested: the change is ignored "
+        execute("ingest_deliveries", partition_key=key)
+        delivery = delivery_of(key)
+        outcome = delivery_outcome(delivery, audit_home.quarantine, audit_home.delivery_state,
+                                   settings.quarantine_warn_share)
+        if outcome is not None and outcome.status == "rejected":
+            log.warning("delivery %s rejected whole (quarantine/%s/%s.csv): %s", key, delivery.vendor, delivery.batch,
+                        outcome.reason)
+        elif outcome is not None and outcome.check_failed:
+            log.warning("delivery %s: %.1f%% of its rows quarantined (quarantine_warn_share %.1f%%)", key,
+                        100 * outcome.quarantine_share, 100 * outcome.share_limit)
+    changed = changed_deliveries(audit_home.landing, audit_home.curated, audit_home.delivery_state)
+    for key in changed:
+        log.error("delivery %s changed in the landing folder after it was read: the change is ignored "
                   "(ingested rows are never replaced); deliver it again under a new batch name", key)
     scorecard_path = home / "reports" / "scorecard.csv"
+
+    def summary():
+        return summarize_run(keys, audit_home.landing, audit_home.curated, audit_home.quarantine,
+                             audit_home.delivery_state, settings.quarantine_warn_share, scorecard_path, changed)
+
+    if not has_curated(audit_home.curated):
+        return AuditRun(None, summary())
+    curated_now = [key for key in keys if is_ingested(delivery_of(key), audit_home.curated)]
     champion = MlflowTracking(audit_home=audit_home).champion()
     has_model = champion is not None
+    rescored = []
     if has_model and not retrain:  # deliveries whose scoring failed earlier (the model store was down...)
         rows = load_curated_rows(audit_home.curated)
         for key in champion_outputs(audit_home.root, champion, rows)[2]:
             log.info("scoring delivery %s with the champion model v%s", key, champion["model_version"])
-            ingest.execute_in_process(instance=instance, partition_key=key)
-            keys.append(key)
+            execute("ingest_deliveries", partition_key=key)
+            rescored.append(key)
     if retrain or not has_model:
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
         config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
-        defs.resolve_job_def("audit_vendors").execute_in_process(instance=instance, run_config=config)
-    elif keys or not scorecard_path.is_file():
+        execute("audit_vendors", run_config=config)
+    elif curated_now or rescored or not scorecard_path.is_file():
         log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
-        defs.resolve_job_def("score_vendors").execute_in_process(instance=instance)
+        execute("score_vendors")
     else:
-        log.info("nothing new under %s: the scorecard is current", home / "landing")
-    return pd.read_csv(scorecard_path)
+        log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
+    return AuditRun(pd.read_csv(scorecard_path), summary())
+
+
+def _execute(defs, job_name: str, instance, debug: bool, run_config: dict | None = None, **kwargs) -> None:
+    """Run a job of the Definitions in this process. Its console log shows a failure as one line (the
+    error), not the Dagster traceback, unless ``debug``; the instance's event log keeps everything."""
+    import dagster as dg
+
+    def console(_init_context) -> logging.Logger:
+        logger = logging.Logger("dagster", logging.DEBUG if debug else logging.INFO)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s - dagster - %(levelname)s - %(message)s"))
+        if not debug:
+            handler.addFilter(_without_stack_trace)
+        logger.addHandler(handler)
+        return logger
+
+    job = defs.resolve_job_def(job_name).with_logger_defs(
+        {"console": dg.LoggerDefinition(console, description="console, tracebacks only with --debug")})
+    # a job's loggers are only started when the run config names them
+    job.execute_in_process(instance=instance, run_config={**(run_config or {}), "loggers": {"console": {}}}, **kwargs)
+
+
+def _without_stack_trace(record: logging.LogRecord) -> bool:
+    """Shorten a Dagster failure event to its first line and the error (``ValueError: ...``)."""
+    message = record.getMessage()
+    if "Stack Trace:" in message:
+        paragraphs = [p.strip() for p in message.split("Stack Trace:")[0].split("\n\n") if p.strip()]
+        error = paragraphs[-1].splitlines()[-1] if len(paragraphs) > 1 else ""
+        record.msg = " ".join(filter(None, [paragraphs[0], error, "(--debug shows the traceback)"]))
+        record.args = ()
+    return True
+
+
+def format_summary(summary: RunSummary) -> list[str]:
+    """The run's summary as plain lines, printed after the scorecard."""
+    lines = ["summary:"]
+    if summary.outcomes:
+        lines.append(f"  deliveries read in this run: {len(summary.outcomes)} ({len(summary.ingested)} ingested, "
+                     f"{len(summary.rejected)} rejected whole)")
+    else:
+        lines.append("  no new delivery in this run")
+    for outcome in summary.ingested:
+        reasons = ", ".join(f"{reason} ({count})" for reason, count in outcome.top_reasons)
+        lines.append(f"    {outcome.key}: {outcome.n_accepted} rows accepted, {outcome.n_quarantined} quarantined"
+                     + (f"; top reasons: {reasons}" if reasons else ""))
+    if summary.rejected:
+        lines.append("  rejected whole, nothing curated (fix it and deliver again under a new batch name):")
+        lines += [f"    {outcome.key}: {outcome.reason}" for outcome in summary.rejected]
+    if summary.failed_checks:
+        lines.append("  failed checks:")
+        lines += [f"    quarantine_share {o.key}: {o.quarantine_share:.1%} of rows quarantined "
+                  f"(limit quarantine_warn_share {o.share_limit:.1%})"
+                  + (", rejected whole" if o.status == "rejected" else "") for o in summary.failed_checks]
+    if summary.vendor_warnings:
+        lines.append("  warnings:")
+        lines += [f"    vendor {vendor}: {note}" for vendor, note in sorted(summary.vendor_warnings.items())]
+    if summary.changed:
+        lines.append("  changed after they were read, change ignored (deliver again under a new batch name): "
+                     + ", ".join(summary.changed))
+    if summary.ignored:
+        lines.append("  ignored under landing/ (never opened):")
+        lines += [f"    {folder.path}: {folder.reason}" for folder in summary.ignored]
+    if summary.waiting:
+        lines.append("  waiting for _READY: " + ", ".join(summary.waiting))
+    if summary.input_problems:
+        lines.append("  some input had problems (exit status 3)")
+    return lines
 
 
 def with_truth(scorecard: pd.DataFrame, home: Path) -> pd.DataFrame:
@@ -123,16 +250,29 @@ def _simulate(args) -> None:
     log.info("wrote %d images for %d vendors under %s", len(truth), truth["vendor"].nunique(), args.home / "landing")
 
 
-def _demo(args) -> None:
+def _demo(args) -> int:
     _simulate(args)
     args.retrain = False
-    _run(args)
+    return _run(args)
 
 
-def _run(args) -> None:
-    scorecard = run_audit(args.home, retrain=args.retrain)
-    print(with_truth(scorecard, args.home).to_string(index=False))
-    print(f"\nreports: {args.home / 'reports'}")
+def _run(args) -> int:
+    """Exit status 0: all well; 3: the audit finished but some input had problems."""
+    from ml.delivery import DeliveryError
+
+    done = audit(args.home, retrain=args.retrain, debug=args.debug)
+    if done.scorecard is not None:
+        print(with_truth(done.scorecard, args.home).to_string(index=False))
+        print(f"\nreports: {args.home / 'reports'}")
+    else:
+        print("no scorecard: no delivery is curated yet")
+    print("\n" + "\n".join(format_summary(done.summary)))
+    if done.summary.input_problems:
+        return 3
+    if done.scorecard is None:
+        raise DeliveryError(f"{args.home / 'landing'}: nothing to audit: no delivery is curated yet "
+                            "(a complete delivery ends with a _READY file)")
+    return 0
 
 
 def _ui(args) -> None:
@@ -278,11 +418,19 @@ def _screenshots(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.")
+    parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.",
+                                     epilog="exit status: 0 all well; 1 infrastructure failure (tracking store, DVC, "
+                                            "model files); 2 usage, settings or input error that stopped the run; "
+                                            "3 the audit finished but some input had problems")
+    debug_help = "show tracebacks and DEBUG logs"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # also accepted after the command; SUPPRESS keeps a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[common])
         p.add_argument("--home", type=lambda s: Path(s).expanduser().resolve(), default=default_home(),
                        help="data home: landing/, curated data, DVC, MLflow, Dagster, reports/ (default: $VENDOR_AUDIT_HOME or ./home)")
         return p
@@ -341,53 +489,66 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _console_logging(*names: str) -> None:
-    """Log these loggers' INFO lines to stderr, once per process, and not again through the root
-    logger (which some libraries configure). ml's own lines reach the console through Dagster's managed
-    loggers during runs."""
+def _console_logging(*names: str, level: int = logging.INFO) -> None:
+    """Log these loggers' lines from ``level`` on to stderr, once per process, and not again through
+    the root logger (which some libraries configure). ml's own lines reach the console through
+    Dagster's managed loggers during runs."""
     for name in names:
         logger = logging.getLogger(name)
+        logger.setLevel(level)
         if any(getattr(h, "vendor_audit", False) for h in logger.handlers):
             continue
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.vendor_audit = True
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
         logger.propagate = False
 
 
+def _error(args, message: str, status: int) -> int:
+    """Print one error line (the traceback before it with --debug) and return the exit status."""
+    if getattr(args, "debug", False):
+        traceback.print_exc()
+    elif status == 1:
+        message += " (--debug shows the traceback)"
+    print(f"vendor-audit: error: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 all well; 1 infrastructure failure; 2 usage, settings or input error that stopped
+    the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check)."""
     _console_logging("vendor_audit", "pipelines")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     args = build_parser().parse_args(argv)
+    if args.debug:
+        _console_logging("vendor_audit", "pipelines", "ml", level=logging.DEBUG)
     import dagster as dg
 
     from ml.config import ConfigError
-    from ml.delivery import DeliveryError
+    from ml.delivery import DeliveryError, TaxonomyChanged
     from pipelines.resources import DvcError, TrackingUnavailable
     from pipelines.store import ModelFileError
 
+    input_errors = (ConfigError, DeliveryError, TaxonomyChanged)
     commands = {"simulate": _simulate, "demo": _demo, "run": _run, "bench": _bench,
                 "bench-incremental": _bench_incremental, "screenshots": _screenshots, "ui": _ui,
                 "mlflow-ui": _mlflow_ui}
     try:
-        commands[args.command](args)
-    except (ConfigError, DeliveryError, ValueError, FileNotFoundError) as exc:
-        print(f"vendor-audit: error: {exc}", file=sys.stderr)
-        return 2
+        status = commands[args.command](args)
+    except (*input_errors, ValueError, FileNotFoundError) as exc:
+        return _error(args, str(exc), 2)
     except (TrackingUnavailable, DvcError, ModelFileError) as exc:
-        print(f"vendor-audit: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(args, str(exc), 1)
     except dg.Failure as exc:
-        print(f"vendor-audit: error: {exc.description}", file=sys.stderr)
-        return 1
+        return _error(args, exc.description, 1)
     except dg.DagsterExecutionStepExecutionError as exc:
         cause = exc.__cause__ or exc
-        print(f"vendor-audit: error in {exc.step_key}: {cause}", file=sys.stderr)
-        return 1
-    return 0
+        return _error(args, f"in {exc.step_key}: {cause}", 2 if isinstance(cause, input_errors) else 1)
+    except Exception as exc:  # noqa: BLE001 - anything else: one line, the traceback with --debug
+        return _error(args, f"{exc.__class__.__name__}: {exc}", 1)
+    return status or 0
 
 
 if __name__ == "__main__":

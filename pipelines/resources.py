@@ -41,6 +41,12 @@ class AuditHome(dg.ConfigurableResource):
         return self.root / "quarantine"
 
     @property
+    def delivery_state(self) -> Path:
+        """Per-delivery records (change-detection fingerprint, counts, rejection), outside the
+        DVC-tracked curated/ so that the dataset version depends on the data only."""
+        return self.root / ".state" / "deliveries"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 

@@ -85,3 +85,45 @@ def test_redelivery_under_an_ingested_batch_name_is_rejected_not_mixed(small_hom
     failure = changed.get_step_failure_events()[0].event_specific_data.error.message
     assert "changed after it was ingested" in failure and "new batch name" in failure
     assert (small_home / "curated" / "a" / "batch-001" / "rows.csv").read_bytes() == rows_before
+
+
+def test_delivery_with_an_unusable_labels_file_is_rejected_whole_and_the_asset_succeeds(small_home):
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001", "b.batch-001"])
+    labels = small_home / "landing" / "b" / "batch-001" / "labels.csv"
+    labels.write_text(labels.read_text().replace("image,label", "file,class", 1))
+    resources = {"audit_home": AuditHome(home=str(small_home))}
+    for _ in range(2):  # the second run finds it settled: same outcome, nothing read again
+        result = dg.materialize([vendor_delivery], partition_key="b.batch-001", instance=instance, resources=resources)
+        assert result.success
+        metadata = result.asset_materializations_for_node("vendor_delivery")[0].metadata
+        assert metadata["rejected_whole"].value is True
+        assert "missing required column(s) image, label" in metadata["reason"].value
+        checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+        assert checks["rows_reconcile"].passed and checks["rows_reconcile"].metadata["accepted"].value == 0
+        assert not checks["quarantine_share"].passed and checks["quarantine_share"].metadata["share"].value == 1.0
+    quarantine = pd.read_csv(small_home / "quarantine" / "b" / "batch-001.csv", keep_default_na=False)
+    assert quarantine["row"].tolist() == [0] and str(labels) in quarantine.loc[0, "reason"]
+    assert not (small_home / "curated" / "b").exists()
+    assert (small_home / ".state" / "deliveries" / "b" / "batch-001.json").is_file()
+    # the good delivery beside it is ingested; the taxonomy is recorded with the first curated data
+    assert dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance, resources=resources).success
+    assert len(pd.read_csv(small_home / "curated" / "a" / "batch-001" / "rows.csv")) == 60
+    assert sorted(p.name for p in (small_home / "curated").iterdir()) == ["a", "format.json", "taxonomy.json"]
+    # a rejected delivery fixed in place is a changed delivery: deliver it under a new batch name
+    labels.write_text(labels.read_text().replace("file,class", "image,label", 1))
+    changed = dg.materialize([vendor_delivery], partition_key="b.batch-001", instance=instance, resources=resources,
+                             raise_on_error=False)
+    failure = changed.get_step_failure_events()[0].event_specific_data.error.message
+    assert "changed after it was rejected whole" in failure and "new batch name" in failure
+
+
+def test_sensor_logs_ignored_landing_folders(small_home, capsys):
+    (small_home / "landing" / "Acme Corp" / "batch-001").mkdir(parents=True)
+    (small_home / "landing" / "README.txt").write_text("drop deliveries here")
+    context = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(),
+                                      resources={"audit_home": AuditHome(home=str(small_home))})
+    delivery_sensor(context)
+    logged = capsys.readouterr().err
+    assert "landing/Acme Corp ignored: name may only contain letters, digits, - and _" in logged
+    assert "landing/README.txt ignored: a file where a vendor folder is expected" in logged

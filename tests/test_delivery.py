@@ -4,7 +4,8 @@ import pytest
 from PIL import Image
 
 from ml.delivery import (
-    Delivery, DeliveryError, find_ready_deliveries, ingest_delivery, load_curated, read_labels_csv, write_curated,
+    Delivery, DeliveryError, find_ready_deliveries, ingest_delivery, load_curated, read_labels_csv, scan_landing,
+    write_curated,
 )
 from ml.images import decode_image
 
@@ -108,22 +109,40 @@ def test_labels_csv_with_bom_quotes_and_blank_lines(tmp_path):
 
 def test_only_complete_deliveries_with_valid_names_are_found(tmp_path):
     landing = tmp_path / "landing"
-    for vendor, batch, ready in [("a", "b1", True), ("a", "b2", False), ("bad.name", "b1", True), ("c", "b 1", True)]:
+    for vendor, batch, ready in [("a", "b1", True), ("a", "b2", False), ("bad.name", "b1", True), ("c", "b 1", True),
+                                 ("Acme Corp", "b1", True)]:
         (landing / vendor / batch).mkdir(parents=True)
         if ready:
             (landing / vendor / batch / "_READY").write_text("")
+    (landing / "notes.txt").write_text("not a delivery")
+    (landing / "a" / "stray.csv").write_text("image,label\n")
+    (landing / "linked").symlink_to(landing / "a")
     assert [d.key for d in find_ready_deliveries(landing)] == ["a.b1"]
+
+    scan = scan_landing(landing)
+    assert [d.key for d in scan.waiting] == ["a.b2"]  # waiting, not an error
+    assert {(f.path, f.reason) for f in scan.ignored} == {
+        ("Acme Corp", "name may only contain letters, digits, - and _"),
+        ("bad.name", "name may only contain letters, digits, - and _"),
+        ("c/b 1", "name may only contain letters, digits, - and _"),
+        ("notes.txt", "a file where a vendor folder is expected"),
+        ("a/stray.csv", "a file where a batch folder is expected"),
+        ("linked", "a symlink where a vendor folder is expected (never followed)"),
+    }
 
 
 def test_curated_storage_round_trip(tmp_path):
     image = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4))
     delivery = _delivery(tmp_path, [("a.png", "cat"), ("b.png", "bird")], {"a.png": image})
     result = ingest_delivery(delivery, CLASSES, 4, 1)
-    write_curated(tmp_path / "curated", tmp_path / "quarantine", delivery, result)
+    write_curated(tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state", delivery, result)
     rows, images = load_curated(tmp_path / "curated")
     assert rows["image_id"].tolist() == ["v1/b1/a.png"]
     np.testing.assert_array_equal(images[0, :, :, 0], np.arange(16).reshape(4, 4))
     assert pd.read_csv(tmp_path / "quarantine" / "v1" / "b1.csv")["reason"].tolist() == ["unknown class 'bird'"]
+    # curated/ holds content only: the change-detection record lives in the state folder
+    assert sorted(p.name for p in (tmp_path / "curated").rglob("*")) == ["b1", "images.npy", "rows.csv", "v1"]
+    assert (tmp_path / "state" / "v1" / "b1.json").is_file()
 
 
 def test_fingerprint_changes_when_a_delivered_file_changes(tmp_path):
@@ -132,10 +151,79 @@ def test_fingerprint_changes_when_a_delivered_file_changes(tmp_path):
     image = Image.fromarray(np.zeros((4, 4), np.uint8))
     delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": image})
     result = ingest_delivery(delivery, CLASSES, 4, 1)
-    write_curated(tmp_path / "curated", tmp_path / "quarantine", delivery, result)
-    assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == []
+    curated, state = tmp_path / "curated", tmp_path / "state"
+    write_curated(curated, tmp_path / "quarantine", state, delivery, result)
+    assert changed_deliveries(tmp_path / "landing", curated, state) == []
     Image.fromarray(np.ones((4, 5), np.uint8)).save(delivery.folder / "a.png")
-    assert changed_deliveries(tmp_path / "landing", tmp_path / "curated") == ["v1.b1"]
+    assert changed_deliveries(tmp_path / "landing", curated, state) == ["v1.b1"]
+
+
+def test_a_home_made_before_records_moved_out_of_curated_still_detects_changes(tmp_path):
+    import json
+
+    from ml.delivery import changed_deliveries, delivery_fingerprint
+
+    image = Image.fromarray(np.zeros((4, 4), np.uint8))
+    delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": image})
+    curated = tmp_path / "curated"
+    write_curated(curated, tmp_path / "quarantine", tmp_path / "old-state", delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    (curated / "v1" / "b1" / "delivery.json").write_text(json.dumps({
+        "fingerprint": delivery_fingerprint(delivery.folder), "n_delivered": 1, "n_accepted": 1, "n_quarantined": 0}))
+    assert changed_deliveries(tmp_path / "landing", curated, tmp_path / "state") == []
+    (delivery.folder / "labels.csv").write_text("image,label\na.png,dog\n")
+    assert changed_deliveries(tmp_path / "landing", curated, tmp_path / "state") == ["v1.b1"]
+
+
+def test_unusable_labels_file_quarantines_the_delivery_whole(tmp_path):
+    from ml.delivery import delivery_fingerprint, delivery_outcome, is_settled, reject_delivery
+
+    delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": Image.fromarray(np.zeros((4, 4), np.uint8))})
+    (delivery.folder / "labels.csv").write_text("file,class\na.png,cat\n")
+    curated, quarantine, state = tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state"
+    (curated / "v1" / "b1").mkdir(parents=True)
+    (curated / "v1" / "b1" / ".images.npy.tmp-123").write_bytes(b"left by a killed run")
+    with pytest.raises(DeliveryError) as error:
+        ingest_delivery(delivery, CLASSES, 4, 1)
+    reject_delivery(curated, quarantine, state, delivery, str(error.value), delivery_fingerprint(delivery.folder))
+    row = pd.read_csv(quarantine / "v1" / "b1.csv", keep_default_na=False).to_dict(orient="records")
+    assert row == [{"vendor": "v1", "batch": "b1", "row": 0, "image": "", "label": "", "reason": str(error.value)}]
+    assert "labels.csv: missing required column(s) image, label" in row[0]["reason"]
+    assert not (curated / "v1" / "b1").exists()  # nothing of it curated
+    assert is_settled(delivery, curated, state)  # not read again at the next run
+    outcome = delivery_outcome(delivery, quarantine, state, 0.05)
+    assert outcome.status == "rejected" and outcome.check_failed and outcome.quarantine_share == 1.0
+
+
+def test_outcome_counts_quarantine_reasons_alike(tmp_path):
+    from ml.delivery import delivery_outcome
+
+    good = Image.fromarray(np.full((4, 4), 9, np.uint8))
+    delivery = _delivery(tmp_path, [("a.png", "cat"), ("a.png", "cat"), ("b.png", "cat"), ("b.png", "dog"),
+                                    ("c.png", "bird"), ("d.png", "cat"), ("e.png", "cat")],
+                         {"a.png": good, "b.png": Image.fromarray(np.full((4, 4), 7, np.uint8))})
+    result = ingest_delivery(delivery, CLASSES, 4, 1)
+    write_curated(tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state", delivery, result)
+    outcome = delivery_outcome(delivery, tmp_path / "quarantine", tmp_path / "state", 0.05)
+    assert (outcome.n_delivered, outcome.n_accepted, outcome.n_quarantined) == (7, 2, 5)
+    assert outcome.top_reasons == [("duplicate image row", 2), ("image file not found", 2), ("unknown class 'bird'", 1)]
+    assert outcome.check_failed and outcome.quarantine_share == pytest.approx(5 / 7)
+
+
+def test_taxonomy_change_is_described_and_refused(tmp_path):
+    from ml.delivery import TaxonomyChanged, check_taxonomy, describe_taxonomy_change, record_taxonomy
+
+    assert describe_taxonomy_change(("cat", "dog"), ("cat", "dog")) == ""
+    assert describe_taxonomy_change(("cat", "dog"), ("cat", "Dog")) == "renamed 'dog' -> 'Dog'"
+    assert describe_taxonomy_change(("cat", "dog"), ("cat", "dog", "bird")) == "added 'bird'"
+    assert describe_taxonomy_change(("cat", "dog", "bird"), ("cat", "bird")) == "removed 'dog'"
+    assert "another order" in describe_taxonomy_change(("cat", "dog"), ("dog", "cat"))
+    curated = tmp_path / "curated"
+    check_taxonomy(curated, CLASSES)  # nothing curated yet: any list is fine
+    record_taxonomy(curated, CLASSES)
+    assert (curated / "taxonomy.json").read_text().count("cat") == 1
+    check_taxonomy(curated, CLASSES)
+    with pytest.raises(TaxonomyChanged, match=r"renamed 'dog' -> 'Dog'.*old list \['cat', 'dog'\].*new home"):
+        check_taxonomy(curated, ("cat", "Dog"), "home/vendor-audit.yaml")
 
 
 def test_same_content_across_deliveries_is_kept_and_marked_as_a_duplicate(tmp_path):
