@@ -374,14 +374,14 @@ def _bench(args) -> None:
     import shlex
     import time
 
-    from ml.bench import BenchConfig, format_tables, run_benchmark
+    from ml.bench import BenchConfig, format_late_table, format_tables, run_benchmark
 
     _console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
                          bootstrap=args.bootstrap, cache=args.home / "bench-cache")
     started = time.perf_counter()
-    summaries = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
-    tables = format_tables(summaries)
+    summaries, late = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
+    tables = (format_tables(summaries) if summaries else "") + "\n".join(format_late_table(s) for s in late)
     print(tables)
     command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
     text = (f"## `{command.strip()}`\n\n"
@@ -450,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "ingest new deliveries and audit the vendors")
     p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
     p = add("bench", "benchmark the estimates against the truth and cleanlab; writes BENCHMARKS.md")
-    p.add_argument("--scenarios", default="A,B,C,D,E,W")
+    p.add_argument("--scenarios", default="A,B,C,D,E,W,S500,S100,L",
+                   help="comma-separated scenario keys (default %(default)s; see BENCHMARKS.md)")
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=8)
