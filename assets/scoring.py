@@ -8,7 +8,7 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
-from ml.delivery import duplicate_of, load_curated_delivery, load_curated_rows, parse_key
+from ml.delivery import Delivery, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key
 from ml.files import atomic_write_bytes, atomic_write_csv
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
@@ -43,6 +43,8 @@ def _require_champion(mlflow_tracking: MlflowTracking) -> dict:
 def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
                  mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     vendor, batch = parse_key(context.partition_key)
+    if is_rejected(Delivery(vendor, batch, audit_home.landing / vendor / batch), audit_home.delivery_state):
+        return dg.MaterializeResult(metadata={"scored_by": "nothing: the delivery was rejected whole"})
     champion = mlflow_tracking.champion()
     if champion is None:
         return dg.MaterializeResult(metadata={"scored_by": "none yet: the first training covers this delivery"})

@@ -25,7 +25,7 @@ class AuditResult:
     verdicts: dict[str, np.ndarray]
     rates: VendorRates
     baseline_rates: np.ndarray  # (V,) cleanlab's num_label_issues share per vendor, on the same probabilities
-    annotators: pd.DataFrame | None = None  # rate_table per (vendor, annotator); None without annotator names
+    annotators: pd.DataFrame | None = None  # rate_table per (vendor, annotator); None unless a vendor names several
 
     def to_npz(self) -> bytes:
         buffer = io.BytesIO()
@@ -92,11 +92,14 @@ def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, ve
                     rules: VerdictRules, n_boot: int, seed: int, keys: np.ndarray,
                     trained: np.ndarray | None) -> pd.DataFrame | None:
     """Each annotator's error rate within its vendor, by the same estimator with annotators as the
-    annotating groups (one confusion matrix per vendor/annotator pair). None when no row names an
-    annotator; rows without one form the group ``(unnamed)``."""
-    if "annotator" not in rows or not (rows["annotator"].astype(str).str.strip() != "").any():
+    annotating groups (one confusion matrix per vendor/annotator pair); rows without a name form the
+    group ``(unnamed)``. None unless some vendor's rows name more than one annotator: with one group
+    per vendor the table would repeat the scorecard."""
+    if "annotator" not in rows:
         return None
     annotator = rows["annotator"].astype(str).str.strip().replace("", "(unnamed)")
+    if not (annotator.groupby(rows["vendor"]).nunique() > 1).any():
+        return None
     group_name = (rows["vendor"].astype(str) + ANNOTATOR_SEPARATOR + annotator).to_numpy()
     groups = sorted(set(group_name))
     group = pd.Series(group_name).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)

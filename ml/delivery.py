@@ -32,7 +32,7 @@ READY_MARKER = "_READY"
 LABELS_FILE = "labels.csv"
 REQUIRED_COLUMNS = ("image", "label")
 OPTIONAL_COLUMNS = ("annotator", "labeled_at")
-CURATED_COLUMNS = ["image_id", "vendor", "batch", "image", "label", "row", "sha256"]
+CURATED_COLUMNS = ["image_id", "vendor", "batch", "image", "label", "row", "sha256", "annotator"]
 QUARANTINE_COLUMNS = ["vendor", "batch", "row", "image", "label", "reason"]
 NAME_RULE = "name may only contain letters, digits, - and _"
 TAXONOMY_FILE = "taxonomy.json"
@@ -145,7 +145,8 @@ def find_ready_deliveries(landing: Path) -> list[Delivery]:
 
 
 def read_labels_csv(path: Path) -> pd.DataFrame:
-    """Read ``labels.csv`` into strings with a 1-based ``row`` (data row number, header excluded).
+    """Read ``labels.csv`` into strings: ``row`` (1-based data row number, header excluded), ``image``,
+    ``label`` and ``annotator`` ("" where the file has no such column).
 
     The file is streamed row by row. Raises DeliveryError naming the file (and line) when it is
     missing, empty, not UTF-8, not parseable as CSV, or lacks a required column.
@@ -164,16 +165,15 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
             if missing:
                 raise DeliveryError(f"{path}: missing required column(s) {', '.join(missing)} "
                                     f"(header: {','.join(header)})")
-            image_at, label_at = header.index("image"), header.index("label")
+            positions = [header.index(c) if c in header else None for c in ("image", "label", "annotator")]
             for number, fields in enumerate(reader, start=1):
                 if not fields or all(not f.strip() for f in fields):
                     continue
-                image = fields[image_at] if image_at < len(fields) else ""
-                label = fields[label_at] if label_at < len(fields) else ""
-                records.append((number, image, label))
+                records.append((number, *(fields[at] if at is not None and at < len(fields) else ""
+                                          for at in positions)))
         except csv.Error as exc:
             raise DeliveryError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from exc
-    return pd.DataFrame.from_records(records, columns=["row", "image", "label"])
+    return pd.DataFrame.from_records(records, columns=["row", "image", "label", "annotator"])
 
 
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")
@@ -256,7 +256,7 @@ def ingest_delivery(
         seen_content[digest] = (row.row, label)
         accepted.append({"image_id": f"{delivery.vendor}/{delivery.batch}/{image_name}",
                          "vendor": delivery.vendor, "batch": delivery.batch, "image": image_name,
-                         "label": label, "row": row.row, "sha256": digest})
+                         "label": label, "row": row.row, "sha256": digest, "annotator": row.annotator.strip()})
         images.append(pixels)
     stack = np.stack(images) if images else np.zeros((0, image_size, image_size, channels), np.uint8)
     return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), stack,
@@ -398,6 +398,8 @@ def _curated_row_files(curated: Path) -> list[Path]:
 def _read_rows(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame["row"] = frame["row"].astype(int)
+    if "annotator" not in frame:  # curated before annotators were kept
+        frame["annotator"] = ""
     return frame
 
 

@@ -27,7 +27,7 @@ def test_reader_returns_every_written_row_unchanged(tmp_path_factory, rows, bom,
     path = tmp_path_factory.mktemp("csv") / "labels.csv"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode("utf-8"))
     frame = read_labels_csv(path)
-    kept = [(i + 1, r[0], r[1]) for i, r in enumerate(rows) if any(f.strip() for f in r)]
+    kept = [(i + 1, *r) for i, r in enumerate(rows) if any(f.strip() for f in r)]
     assert list(frame.itertuples(index=False, name=None)) == kept
 
 
@@ -41,7 +41,7 @@ def test_reader_never_fails_other_than_with_a_delivery_error(tmp_path_factory, d
     except DeliveryError as exc:
         assert str(path) in str(exc)
     else:
-        assert list(frame.columns) == ["row", "image", "label"]
+        assert list(frame.columns) == ["row", "image", "label", "annotator"]
 
 
 @pytest.mark.parametrize("content, reason", [

@@ -231,3 +231,19 @@ def test_same_content_across_deliveries_is_kept_and_marked_as_a_duplicate(tmp_pa
 
     rows = pd.DataFrame({"image_id": ["a/b1/x.png", "a/b1/y.png", "c/b9/z.png"], "sha256": ["h1", "h2", "h1"]})
     assert duplicate_of(rows).tolist() == ["", "", "a/b1/x.png"]
+
+
+def test_annotator_names_are_kept_in_the_curated_rows(tmp_path):
+    from ml.delivery import load_curated_rows
+
+    images = {f"{i}.png": Image.fromarray(np.full((4, 4), 40 * i, np.uint8)) for i in range(3)}
+    delivery = _delivery(tmp_path, [(name, "cat") for name in images], images)
+    (delivery.folder / "labels.csv").write_text("label,annotator,image\ncat, ann ,0.png\ndog,,1.png\ncat,bo,2.png\n")
+    curated = tmp_path / "curated"
+    write_curated(curated, tmp_path / "quarantine", tmp_path / "state", delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    rows = load_curated_rows(curated)
+    assert rows["annotator"].tolist() == ["ann", "", "bo"] and rows["label"].tolist() == ["cat", "dog", "cat"]
+    # rows curated before annotators were kept read as unnamed
+    rows_file = curated / "v1" / "b1" / "rows.csv"
+    pd.read_csv(rows_file).drop(columns="annotator").to_csv(rows_file, index=False)
+    assert load_curated_rows(curated)["annotator"].tolist() == ["", "", ""]

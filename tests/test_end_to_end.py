@@ -136,8 +136,6 @@ def test_two_deliveries_landing_at_once_are_both_ingested_once(audited_home):
     assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="batch_scores must skip a delivery rejected whole (ml.delivery.is_rejected) "
-                                       "instead of failing on its missing curated rows")
 def test_bad_delivery_after_training_is_rejected_whole_and_the_good_one_beside_it_is_scored(audited_home):
     """Runs after the tests above: a champion exists, so the new deliveries go through batch_scores."""
     simulate_deliveries(load_digits_upscaled(), {"g": 0.1, "h": 0.1}, 60, audited_home, seed=13, batch="batch-004")

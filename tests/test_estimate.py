@@ -193,3 +193,29 @@ def test_holm_adjustment_and_p_value_resolution():
     np.testing.assert_allclose(holm(np.array([0.01, 0.04, 0.03, 0.5])), [0.04, 0.09, 0.09, 0.5])
     assert holm(np.array([0.2, 0.9])).tolist() == [0.4, 0.9]
     assert format_p_value(1e-7) == "< 0.001" and format_p_value(0.0123) == "0.012" and format_p_value(0.5) == "0.50"
+
+
+def test_annotators_are_rated_within_their_vendor_and_small_teams_are_not_ranked():
+    # vendor 0: one careful and one careless annotator; vendor 1: one annotator, and 50 unnamed rows
+    probs, given, true, vendor = synthetic([0.0, 0.0, 0.05], n_per_vendor=800)
+    vendor = (vendor == 2).astype(np.int64)  # the first 1,600 images are vendor 0's
+    annotator = np.where(np.arange(len(given)) < 800, "careful", "careless").astype(object)
+    careless = np.flatnonzero(annotator == "careless")
+    careless = careless[vendor[careless] == 0]
+    flipped = careless[: len(careless) // 5]  # 20% of the careless annotator's labels are wrong
+    given[flipped] = (true[flipped] + 1) % 10
+    annotator[vendor == 1] = "solo"
+    annotator[np.flatnonzero(vendor == 1)[:50]] = ""
+    classes = tuple(f"c{i}" for i in range(10))
+    rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(given))], "vendor": [f"v{v}" for v in vendor],
+                         "batch": "b1", "label": [classes[g] for g in given], "annotator": annotator})
+    embeddings = np.random.default_rng(0).normal(size=(len(given), 16))
+    result, _ = run_audit(rows, probs, embeddings, classes, n_boot=20)
+    table = result.annotators.set_index(["vendor", "annotator"])
+    assert sorted(table.index) == [("v0", "careful"), ("v0", "careless"), ("v1", "(unnamed)"), ("v1", "solo")]
+    assert table.loc[("v0", "careless"), "error_rate"] > table.loc[("v0", "careful"), "error_rate"] + 0.1
+    assert table.loc[("v1", "(unnamed)"), "status"] == "too few images to rate"
+    assert pd.isna(table.loc[("v1", "(unnamed)"), "rank"])
+    # one annotator per vendor: no table, it would repeat the scorecard
+    rows["annotator"] = rows["vendor"] + "-team"
+    assert run_audit(rows, probs, embeddings, classes, n_boot=20)[0].annotators is None
