@@ -16,6 +16,7 @@ import pandas as pd
 
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
+from ml.scorecard import format_p_value
 from ml.thumbnails import thumbnail_png
 
 
@@ -321,14 +322,9 @@ def points(value) -> str:
 
 
 def p_value_text(p) -> str:
-    """The p-value as text at the method's resolution (``ml.scorecard.format_p_value``: "< 0.001",
-    "0.034"); two decimals where that is not available; "not tested" when missing."""
-    if not _finite(p):
-        return "not tested"
-    from ml import scorecard
-
-    formatter = getattr(scorecard, "format_p_value", None)
-    return str(formatter(float(p))) if formatter else f"{float(p):.2f}"
+    """The p-value as text at the method's resolution (:func:`ml.scorecard.format_p_value`: "< 0.001",
+    "0.034"); "not tested" when missing."""
+    return format_p_value(float(p)) if _finite(p) else "not tested"
 
 
 def _p_phrase(text: str) -> str:
