@@ -348,11 +348,6 @@ _FEWER = re.compile(r"^\s*(?P<better>[A-Za-z0-9_-]+) has fewer errors than (?P<w
 
 def _scorecard_frame(scorecard: pd.DataFrame) -> pd.DataFrame:
     card = scorecard.copy()
-    if "status" not in card:
-        card["status"] = "rated"
-    if "note" not in card:
-        card["note"] = ""
-    card["status"] = card["status"].fillna("rated").astype(str).replace("", "rated")
     card["note"] = card["note"].fillna("").astype(str)
     for column in ("n_images", "n_flagged", "n_ambiguous"):
         card[column] = pd.to_numeric(card[column]).astype(int)
@@ -368,10 +363,7 @@ def _comparisons_frame(comparisons: pd.DataFrame) -> pd.DataFrame:
         if column in comps:
             comps[column] = pd.to_numeric(comps[column], errors="coerce")
     comps["conclusion"] = comps["conclusion"].fillna("").astype(str)
-    # the p-value shown: Holm-adjusted where given, as the scorecard wrote it (p_text) or formatted here
-    p = comps["p_holm"] if "p_holm" in comps else comps["p_value"]
-    given = comps["p_text"].fillna("").astype(str).str.strip() if "p_text" in comps else pd.Series("", comps.index)
-    comps["p_shown"] = [text if text and _finite(value) else p_value_text(value) for text, value in zip(given, p)]
+    comps["p_shown"] = comps["p_holm"].map(p_value_text)  # the Holm-adjusted p-value the conclusion rests on
     return comps.reset_index(drop=True)
 
 
@@ -578,7 +570,6 @@ def _pairwise(comps) -> list:
     blocks = [Heading(2, "Pairwise comparisons")]
     if not len(comps):
         return blocks + [_para("Only one vendor: nothing to compare.")]
-    holm = "p_holm" in comps
     rows = []
     for row in comps.itertuples(index=False):
         if _finite(row.difference):
@@ -592,10 +583,9 @@ def _pairwise(comps) -> list:
     return blocks + [
         _para("Each line compares two vendors' estimated error rates. Points are percentage points: 5.0% against "
               "2.0% is 3.0 points. A vendor is called better only where the difference is significant at the 5% "
-              "level" + (", after the Holm correction for making several comparisons at once" if holm else "")
-              + "; otherwise the pair is not distinguishable with this data."),
-        Table(("Vendors", "Conclusion", "Difference in error rate", "p-value (Holm-adjusted)" if holm else "p-value"),
-              tuple(rows)),
+              "level, after the Holm correction for making several comparisons at once; otherwise the pair is "
+              "not distinguishable with this data."),
+        Table(("Vendors", "Conclusion", "Difference in error rate", "p-value (Holm-adjusted)"), tuple(rows)),
     ]
 
 
@@ -609,7 +599,7 @@ def _annotators(annotators: pd.DataFrame | None) -> list:
     shown = annotators[annotators["vendor"].isin(several)].sort_values(["vendor", "annotator"])
     rows = tuple((str(r.vendor), str(r.annotator), f"{int(r.n_images):,}", f"{int(r.n_flagged):,}",
                   percent_interval(r.error_rate, r.error_rate_low, r.error_rate_high),
-                  str(getattr(r, "status", "rated") or "rated")) for r in shown.itertuples(index=False))
+                  str(r.status)) for r in shown.itertuples(index=False))
     return [Heading(2, "Annotators within each vendor"),
             _para("Vendors whose deliveries name more than one annotator, annotator by annotator, estimated the "
                   "same way as the vendors."),

@@ -166,18 +166,6 @@ def test_a_delivery_rejected_whole_is_reported_as_such():
     assert "| a/batch-9 | - | whole delivery | 100.0% | labels.csv: missing column 'label': 1 |" in markdown
 
 
-def test_older_tables_without_status_note_or_holm_still_render():
-    card = _scorecard().drop(columns=["status", "note"]).assign(rank=[1, 2, 3])
-    comps = _comparisons().drop(columns=["p_holm", "p_text"])
-    issues = _issues()
-    markdown = build_report(card, comps, issues, _confusion(), VENDORS, CLASSES, {}, images=_images(issues),
-                            quarantined=_quarantined().iloc[:0], quarantine_warn_share=0.05, n_boot=200).markdown
-    assert "| c | 12 | 1 | 0 | 8.3% (0.0-33.3%) | 3 | rated |" in markdown
-    assert "| Vendors | Conclusion | Difference in error rate | p-value |" in markdown
-    assert "No delivery had more than 5.0% of its rows rejected." in markdown
-    assert "label_issues.csv" in markdown and "label\\_issues" not in markdown  # raw Markdown stays readable
-
-
 class _Page(HTMLParser):
     """Collects image sources and headings, and checks that every opened element is closed in order."""
 
