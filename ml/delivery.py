@@ -152,20 +152,46 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
     missing, empty, not UTF-8, not parseable as CSV, or lacks a required column.
     """
     if not path.is_file():
-        raise DeliveryError(f"{path}: labels.csv is missing")
+        raise DeliveryError(f"{path}: labels.csv is missing")  # whatever the file is called
+    return read_csv_columns(path, REQUIRED_COLUMNS, ("annotator",))
+
+
+def read_csv_columns(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read the named columns of a CSV file as strings, streamed row by row.
+
+    Header names match ignoring surrounding spaces and letter case (``required`` and ``optional``
+    are given in lower case); a leading byte-order mark, CRLF or lone CR line ends and quoted
+    fields are read. Rows whose fields are all blank are skipped but
+    still counted, so ``row`` is the 1-based data row number (header excluded) a person sees.
+
+    Returns
+    -------
+    DataFrame (N, 1 + len(required) + len(optional))
+        ``row`` (int), then the ``required`` and ``optional`` columns as written (values not stripped;
+        "" where the file has no such optional column or the row is short).
+
+    Raises
+    ------
+    DeliveryError
+        Naming the file (and line) when it is missing, empty, not UTF-8, not parseable as CSV, or
+        lacks a required column.
+    """
+    if not path.is_file():
+        raise DeliveryError(f"{path}: {path.name} is missing or not a file")
+    columns = [*required, *optional]
     records = []
     with open(path, "rb") as fh:
         reader = csv.reader(_utf8_lines(fh, path))
         try:
             header = next(reader, None)
             if not header or not any(h.strip() for h in header):
-                raise DeliveryError(f"{path}: empty file (expected a header with columns image,label)")
+                raise DeliveryError(f"{path}: empty file (expected a header with columns {','.join(required)})")
             header = [h.strip().lower() for h in header]
-            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            missing = [c for c in required if c not in header]
             if missing:
                 raise DeliveryError(f"{path}: missing required column(s) {', '.join(missing)} "
                                     f"(header: {','.join(header)})")
-            positions = [header.index(c) if c in header else None for c in ("image", "label", "annotator")]
+            positions = [header.index(c) if c in header else None for c in columns]
             for number, fields in enumerate(reader, start=1):
                 if not fields or all(not f.strip() for f in fields):
                     continue
@@ -173,7 +199,7 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
                                           for at in positions)))
         except csv.Error as exc:
             raise DeliveryError(f"{path}: line {reader.line_num}: not valid CSV ({exc})") from exc
-    return pd.DataFrame.from_records(records, columns=["row", "image", "label", "annotator"])
+    return pd.DataFrame.from_records(records, columns=["row", *columns])
 
 
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")

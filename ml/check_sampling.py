@@ -1,0 +1,229 @@
+"""Which images to check by hand, and error rates from the checks that stay valid whatever the model.
+
+Design. Each plan is a Poisson sample: image ``i`` is drawn independently with a known inclusion
+probability ``pi_i``. Within a vendor the probabilities mix a uniform part (``uniform_share`` of the
+budget, so that no image has a tiny probability) with a part proportional to the model's uncertainty
+about the label, ``sqrt(f (1 - f))`` with ``f`` the image's probability of error: checks go where the
+model cannot tell (Zrnic & Candes, active statistical inference, 2024). Plans are drawn over every
+image, already checked ones included (drawn again, they cost nothing), so that rounds are independent
+and an image's probability of being checked in at least one round is ``1 - prod_r (1 - pi_ir)``.
+Gold images are checked with probability 1.
+
+Estimate (prediction-powered inference, Angelopoulos et al. 2023, with the PPI++ weight ``lam``): per
+vendor of ``N`` images,
+
+    rate = lam * mean_i f_i + (1/N) sum_{checked i} (e_i - lam f_i) / pi_i
+
+with ``e_i`` the checked error. The second term is a Horvitz-Thompson estimate of the model's bias,
+so the estimate is unbiased whatever the model; ``lam`` (fitted to the checks, in [0, 1]) lets a
+useless model fall back to the checks alone. Its variance is estimated by the Horvitz-Thompson
+variance of the residuals ``e_i - lam f_i`` under Poisson sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import beta, norm
+
+from ml.estimate import keyed_uniform
+
+UNIFORM_SHARE = 0.3  # share of each vendor's checks spread evenly; every image gets >= 0.3 * budget / N
+LEVEL = 0.95
+# below this many errors found the residual variance is estimated from too few errors to trust the
+# normal interval, and the exact checks-only interval bounds it (docs/method.md: measured in the bench)
+MIN_ERRORS_FOR_NORMAL = 5
+
+
+def inclusion_probabilities(p_error: np.ndarray, group: np.ndarray, budget: np.ndarray,
+                            uniform_share: float = UNIFORM_SHARE) -> np.ndarray:
+    """(N,) inclusion probabilities for one plan: within each group ``g`` they sum to
+    ``min(budget[g], N_g)`` (expected checks), each in (0, 1] wherever the budget is positive.
+
+    Parameters
+    ----------
+    p_error : (N,) the model's probability that each image's label is wrong.
+    group : (N,) int group (vendor) index per image.
+    budget : (G,) expected number of checks per group.
+    uniform_share : share of each group's budget spread evenly over its images.
+    """
+    p = np.clip(np.asarray(p_error, float), 0.0, 1.0)
+    uncertainty = np.sqrt(p * (1 - p)) + 1e-6
+    pi = np.zeros(len(p))
+    for g, n in enumerate(np.asarray(budget, float)):
+        members = np.flatnonzero(group == g)
+        if not len(members) or n <= 0:
+            continue
+        n = min(n, len(members))
+        u = uncertainty[members]
+        share = uniform_share / len(members) + (1 - uniform_share) * u / u.sum()  # sums to 1
+        pi[members] = _capped(share, n)
+    return pi
+
+
+def _capped(share: np.ndarray, total: float) -> np.ndarray:
+    """``total * share`` with no value above 1: the excess of capped images spread over the others."""
+    pi = np.zeros_like(share)
+    free = np.ones(len(share), bool)
+    remaining = total
+    while True:
+        pi[free] = remaining * share[free] / share[free].sum()
+        over = free & (pi >= 1)
+        if not over.any():
+            return np.minimum(pi, 1.0)
+        pi[over] = 1.0
+        free &= ~over
+        remaining = total - (~free).sum()
+        if not free.any() or remaining <= 0:
+            return np.minimum(pi, 1.0)
+
+
+def draw_plan(pi: np.ndarray, keys: np.ndarray, round_number: int) -> np.ndarray:
+    """(N,) bool: which images a plan draws, each independently with probability ``pi`` (N,).
+
+    The draw is a function of each image's key (N,) and the plan's ``round_number``, so a plan can be
+    reproduced from the recorded probabilities."""
+    return keyed_uniform(keys, salt=10_007 + round_number) < pi
+
+
+def combined_inclusion(rounds: list[np.ndarray]) -> np.ndarray:
+    """(N,) probability of being drawn in at least one of independent rounds, each (N,)."""
+    missed = np.ones(len(rounds[0])) if rounds else np.ones(0)
+    for pi in rounds:
+        missed = missed * (1 - np.clip(pi, 0, 1))
+    return 1 - missed
+
+
+def exact_interval(errors: np.ndarray, n: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Clopper-Pearson interval (G,) for ``errors`` among ``n`` checks (both may be fractional)."""
+    n = np.asarray(n, float)
+    k = np.clip(np.asarray(errors, float), 0, n)
+    tail = (1 - level) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k > 0, beta.ppf(tail, np.maximum(k, 1e-9), n - k + 1), 0.0)
+        high = np.where(k < n, beta.ppf(1 - tail, k + 1, np.maximum(n - k, 1e-9)), 1.0)
+    empty = n <= 0
+    return np.where(empty, 0.0, low), np.where(empty, 1.0, high)
+
+
+@dataclass
+class CheckedRates:
+    """Per group (G,): the combined estimate and its interval (``rate, low, high``); the checks alone
+    (``checks_rate, checks_low, checks_high``, exact); ``n_checked`` (checks that are part of the design,
+    gold included), ``checked_errors`` (errors among them), ``weight`` (the PPI++ ``lam``)."""
+
+    rate: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    checks_rate: np.ndarray
+    checks_low: np.ndarray
+    checks_high: np.ndarray
+    n_checked: np.ndarray
+    checked_errors: np.ndarray
+    weight: np.ndarray
+
+
+def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.ndarray, inclusion: np.ndarray,
+                        group: np.ndarray, n_groups: int, level: float = LEVEL) -> CheckedRates:
+    """Error rate per group from the model's per-image probability of error and the hand checks.
+
+    Parameters
+    ----------
+    model_error : (N,) the model's probability that each label is wrong (``f``).
+    checked : (N,) bool, checked images that belong to the design (a plan drew them, or gold).
+    error : (N,) bool, the checked verdict (read where ``checked``): the label is not in the checked set.
+    inclusion : (N,) probability that each image was checked (combined over plans; 1 for gold).
+    group : (N,) int group index.
+
+    The interval is normal, ``rate +- z se``. The standard error is the larger of two estimates: the
+    Horvitz-Thompson variance of the checked residuals, and the variance the design implies over all
+    the group's images if each image's error probability were ``lam f + (1 - lam) rate``. The first
+    alone under-covers when errors are rare, since an error where the model saw none has a large
+    weight and is seldom drawn (measured: 84% coverage at 200 checks on a 5% vendor). While fewer than
+    ``MIN_ERRORS_FOR_NORMAL`` errors have been found the interval also contains the exact checks-only
+    interval: the normal approximation has too few errors to stand on.
+    """
+    f = np.clip(np.asarray(model_error, float), 0, 1)
+    checked = np.asarray(checked, bool) & (np.asarray(inclusion, float) > 0)
+    e = np.asarray(error, bool) & checked
+    z = norm.ppf(1 - (1 - level) / 2)
+    out = {name: np.zeros(n_groups) for name in ("rate", "low", "high", "checks_rate", "checks_low",
+                                                 "checks_high", "n_checked", "checked_errors", "weight")}
+    for g in range(n_groups):
+        members = np.flatnonzero(group == g)
+        n_images = len(members)
+        if not n_images:
+            out["checks_high"][g] = out["high"][g] = 1.0
+            continue
+        sample = members[checked[members]]
+        pi, fs, es = np.asarray(inclusion, float)[sample], f[sample], e[sample].astype(float)
+        spread = (1 - pi) / pi ** 2  # Horvitz-Thompson variance weight of each checked image
+        denominator = (spread * fs ** 2).sum()
+        lam = float(np.clip((spread * es * fs).sum() / denominator, 0, 1)) if denominator > 0 else 0.0
+        rate = lam * f[members].mean() + ((es - lam * fs) / pi).sum() / n_images
+        sampled_se = np.sqrt((spread * (es - lam * fs) ** 2).sum()) / n_images
+        se = max(sampled_se, _design_se(f[members], np.asarray(inclusion, float)[members], lam, rate))
+        # checks alone: Horvitz-Thompson rate, exact interval at the effective number of checks
+        checks_rate = (es / pi).sum() / n_images if len(sample) else np.nan
+        n_effective = (1 / pi).sum() ** 2 / (1 / pi ** 2).sum() if len(sample) else 0.0
+        checks_low, checks_high = exact_interval(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
+                                                 * n_effective, np.array([n_effective]), level)
+        low, high = rate - z * se, rate + z * se
+        if es.sum() < MIN_ERRORS_FOR_NORMAL:
+            low, high = min(low, float(checks_low[0])), max(high, float(checks_high[0]))
+        out["rate"][g] = np.clip(rate, 0, 1)
+        out["low"][g] = np.clip(low, 0, 1)
+        out["high"][g] = np.clip(high, 0, 1)
+        out["checks_rate"][g] = checks_rate
+        out["checks_low"][g], out["checks_high"][g] = checks_low[0], checks_high[0]
+        out["n_checked"][g] = len(sample)
+        out["checked_errors"][g] = es.sum()
+        out["weight"][g] = lam
+    return CheckedRates(**out)
+
+
+def _design_se(f: np.ndarray, pi: np.ndarray, lam: float, rate: float) -> float:
+    """Standard error (scalar) of one group's estimate implied by the design: inclusion probabilities
+    ``pi`` (N,) and error probabilities ``lam f + (1 - lam) rate`` (N,). Images never drawn (pi 0)
+    cannot be in the sample and add nothing."""
+    q = np.clip(lam * f + (1 - lam) * np.clip(rate, 0, 1), 0, 1)
+    residual_variance = q * (1 - q) + (q - lam * f) ** 2
+    drawn = pi > 0
+    return float(np.sqrt(((1 - pi[drawn]) / pi[drawn] * residual_variance[drawn]).sum()) / len(f))
+
+
+def expected_halfwidth(model_error: np.ndarray, inclusion: np.ndarray, level: float = LEVEL) -> float:
+    """The 95% half-width one group's combined estimate is expected to have with per-image inclusion
+    probabilities ``inclusion`` (N,), taking the model's ``model_error`` (N,) as calibrated
+    (the residual of a checked image has variance ``f (1 - f)``). Images never drawn make it infinite."""
+    f = np.clip(np.asarray(model_error, float), 0, 1)
+    pi = np.asarray(inclusion, float)
+    if np.any(pi <= 0):
+        return float("inf")
+    variance = ((1 - pi) / pi * f * (1 - f)).sum() / len(f) ** 2
+    return float(norm.ppf(1 - (1 - level) / 2) * np.sqrt(variance))
+
+
+def checks_for_halfwidth(model_error: np.ndarray, earlier: np.ndarray, target: float,
+                         uniform_share: float = UNIFORM_SHARE, level: float = LEVEL) -> int:
+    """The smallest number of further checks (one more plan over these N images) whose expected
+    half-width is at most ``target``; ``earlier`` (N,) is each image's inclusion probability so far.
+    Returns N when even checking every image would not do (the half-width is then 0 anyway)."""
+    n_images = len(model_error)
+    single = np.zeros(n_images, np.int64)
+
+    def halfwidth(budget: int) -> float:
+        plan = inclusion_probabilities(model_error, single, np.array([budget]), uniform_share)
+        return expected_halfwidth(model_error, combined_inclusion([earlier, plan]), level)
+
+    if expected_halfwidth(model_error, earlier, level) <= target:
+        return 0
+    low, high = 1, n_images
+    while low < high:  # bisection: the half-width falls as the budget grows
+        middle = (low + high) // 2
+        if halfwidth(middle) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return int(low)

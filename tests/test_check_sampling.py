@@ -1,0 +1,86 @@
+"""Hand-check plans and the estimate that combines them with the model, on synthetic data with known truth."""
+
+import numpy as np
+import pytest
+
+from ml.check_sampling import (checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
+                               expected_halfwidth, inclusion_probabilities)
+from ml.estimate import fit_noise_model
+from test_estimate import synthetic
+
+
+@pytest.fixture(scope="module")
+def vendors():
+    probs, given, true, vendor = synthetic([0.0, 0.05, 0.2], n_per_vendor=1000, seed=3)
+    p_error = fit_noise_model(probs, given, vendor).p_error(given)
+    wrong = given != true
+    truth = np.array([wrong[vendor == v].mean() for v in range(3)])
+    return p_error, wrong, vendor, truth, np.arange(len(given)).astype(str)
+
+
+def test_inclusion_probabilities_spend_the_budget_and_leave_no_image_out(vendors):
+    p_error, _, vendor, _, _ = vendors
+    for budget in ([25, 50, 100], [900, 1000, 5000]):
+        pi = inclusion_probabilities(p_error, vendor, np.array(budget))
+        sums = np.bincount(vendor, weights=pi)
+        np.testing.assert_allclose(sums, np.minimum(budget, 1000), rtol=1e-9)
+        assert pi.min() > 0 and pi.max() <= 1
+    pi = inclusion_probabilities(p_error, vendor, np.array([100, 100, 100]))
+    assert pi.min() >= 0.3 * 100 / 1000 - 1e-12  # the uniform share keeps every image checkable
+    # the model's uncertain images are checked more often than its sure ones
+    uncertain = np.abs(p_error - 0.5) < 0.2
+    assert pi[uncertain].mean() > 3 * pi[p_error < 0.01].mean()
+
+
+def test_plans_are_reproducible_and_rounds_combine_as_independent_draws(vendors):
+    p_error, _, vendor, _, keys = vendors
+    pi = inclusion_probabilities(p_error, vendor, np.array([50, 50, 50]))
+    assert (draw_plan(pi, keys, 1) == draw_plan(pi, keys, 1)).all()
+    assert (draw_plan(pi, keys, 1) != draw_plan(pi, keys, 2)).any()
+    np.testing.assert_allclose(combined_inclusion([np.array([0.5, 0.0, 1.0]), np.array([0.5, 0.2, 0.3])]),
+                               [0.75, 0.2, 1.0])
+    drawn = np.mean([draw_plan(pi, keys, r).sum() for r in range(50)])
+    assert abs(drawn - 150) < 10  # expected draws: the budget
+
+
+@pytest.mark.parametrize("model", ["classifier", "useless"])
+def test_the_combined_estimate_is_unbiased_whatever_the_model(vendors, model):
+    p_error, wrong, vendor, truth, keys = vendors
+    f = p_error if model == "classifier" else np.random.default_rng(0).random(len(p_error))
+    pi = inclusion_probabilities(f, vendor, np.array([60, 60, 60]))
+    estimates = [checked_error_rates(f, draw_plan(pi, keys, r), wrong, pi, vendor, 3).rate for r in range(300)]
+    bias = np.mean(estimates, axis=0) - truth
+    standard_error = np.std(estimates, axis=0) / np.sqrt(len(estimates))
+    assert np.all(np.abs(bias) <= 3 * standard_error + 0.002), (bias, standard_error)
+    assert np.all(np.array(estimates)[:, 0] == 0)  # a perfect vendor has no error to find
+
+
+def test_without_errors_found_the_interval_reaches_zero_and_is_no_surer_than_the_checks(vendors):
+    p_error, wrong, vendor, _, keys = vendors
+    perfect = vendor == 0
+    pi = inclusion_probabilities(p_error[perfect], np.zeros(perfect.sum(), int), np.array([40]))
+    drawn = draw_plan(pi, keys[perfect], 0)
+    rates = checked_error_rates(p_error[perfect], drawn, wrong[perfect], pi, np.zeros(perfect.sum(), int), 1)
+    assert rates.checked_errors[0] == 0 and rates.low[0] == 0
+    assert rates.high[0] >= rates.checks_high[0]  # 0 errors in ~40 checks cannot rule out a few percent
+
+
+def test_gold_images_are_certain_and_images_never_drawn_are_not_used(vendors):
+    p_error, wrong, vendor, truth, _ = vendors
+    everything = np.ones(len(p_error))
+    rates = checked_error_rates(p_error, np.ones(len(p_error), bool), wrong, everything, vendor, 3)
+    np.testing.assert_allclose(rates.rate, truth)  # every image checked with certainty: the truth exactly
+    np.testing.assert_allclose(rates.checks_rate, truth)
+    unplanned = checked_error_rates(p_error, np.ones(len(p_error), bool), wrong, np.zeros(len(p_error)), vendor, 3)
+    assert unplanned.n_checked.sum() == 0  # checks without a known probability are not in the estimate
+
+
+def test_more_checks_are_needed_for_a_narrower_interval(vendors):
+    p_error, _, vendor, _, _ = vendors
+    f = p_error[vendor == 1]
+    none_yet = np.zeros(len(f))
+    wide, narrow = checks_for_halfwidth(f, none_yet, 0.04), checks_for_halfwidth(f, none_yet, 0.02)
+    assert 0 < wide < narrow <= len(f)
+    pi = inclusion_probabilities(f, np.zeros(len(f), int), np.array([narrow]))
+    assert expected_halfwidth(f, pi) <= 0.02
+    assert checks_for_halfwidth(f, pi, 0.02) == 0  # already planned
