@@ -29,7 +29,7 @@ from scipy.stats import beta, norm
 
 from ml.estimate import keyed_uniform
 
-UNIFORM_SHARE = 0.3  # share of each vendor's checks spread evenly; every image gets >= 0.3 * budget / N
+UNIFORM_SHARE = 0.5  # share of each vendor's checks spread evenly: every image gets at least half the uniform probability
 LEVEL = 0.95
 # below this many errors found the residual variance is estimated from too few errors to trust the
 # normal interval, and the exact checks-only interval bounds it (docs/method.md: measured in the bench)

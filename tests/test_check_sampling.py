@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ml.check_sampling import (checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
+from ml.check_sampling import (UNIFORM_SHARE, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
                                expected_halfwidth, inclusion_probabilities)
 from ml.estimate import fit_noise_model
 from test_estimate import synthetic
@@ -26,7 +26,7 @@ def test_inclusion_probabilities_spend_the_budget_and_leave_no_image_out(vendors
         np.testing.assert_allclose(sums, np.minimum(budget, 1000), rtol=1e-9)
         assert pi.min() > 0 and pi.max() <= 1
     pi = inclusion_probabilities(p_error, vendor, np.array([100, 100, 100]))
-    assert pi.min() >= 0.3 * 100 / 1000 - 1e-12  # the uniform share keeps every image checkable
+    assert pi.min() >= UNIFORM_SHARE * 100 / 1000 - 1e-12  # the uniform share keeps every image checkable
     # the model's uncertain images are checked more often than its sure ones
     uncertain = np.abs(p_error - 0.5) < 0.2
     assert pi[uncertain].mean() > 3 * pi[p_error < 0.01].mean()

@@ -1,0 +1,151 @@
+"""Benchmark of hand checks: the combined estimate (model + checks drawn by the planner) against
+uniform checks alone with Wilson intervals, a checker simulated from the truth, on the benchmark's
+cached model outputs (ml/bench.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy.stats import norm
+
+from ml.bench import SCENARIOS, BenchConfig, _model_outputs
+from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabilities
+from ml.datasets import load_dataset
+from ml.estimate import fit_noise_model
+from ml.issues import counted_as_error
+from ml.simulate import simulate_labels
+
+log = logging.getLogger(__name__)
+BUDGETS = (25, 50, 100, 200)
+SEARCH = (25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1000, 1500, 2000)  # budgets tried for +-2 points
+TARGET_HALFWIDTH = 0.02
+
+
+def wilson_interval(errors: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (same shape as ``errors``) for ``errors`` among ``n`` uniform checks."""
+    z = norm.ppf(1 - (1 - level) / 2)
+    n = np.maximum(np.asarray(n, float), 1e-12)
+    p = np.asarray(errors, float) / n
+    centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / (1 + z ** 2 / n)
+    errors = np.asarray(errors, float)
+    # at 0 (or n) errors the bound is exactly 0 (or 1); rounding would leave it a hair inside
+    return np.where(errors <= 0, 0.0, np.clip(centre - half, 0, 1)), np.where(errors >= n, 1.0, np.clip(centre + half, 0, 1))
+
+
+def uniform_checks_for_halfwidth(rate: float, per_vendor: int, target: float = TARGET_HALFWIDTH) -> int:
+    """Uniform checks whose Wilson half-width at the true ``rate`` is at most ``target`` (expected count)."""
+    for n in range(10, per_vendor + 1):
+        low, high = wilson_interval(np.array(rate * n), np.array(n))
+        if (high - low) / 2 <= target:
+            return n
+    return per_vendor
+
+
+def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, draws: int = 20) -> dict:
+    """Per budget, ``draws`` independent plans per vendor, combined estimate and uniform Wilson alone;
+    also the same with a useless model (random probabilities of error)."""
+    scenario = SCENARIOS[key]
+    data = load_dataset(scenario.dataset)
+    sim = simulate_labels(data, scenario.vendors, scenario.per_vendor, seed, scenario.noise, scenario.ambiguous)
+    probs, _, _ = _model_outputs(scenario, seed, sim, len(data.classes), config)
+    model = fit_noise_model(probs, sim.given, sim.vendor)
+    p_error = model.p_error(sim.given)
+    f = p_error * counted_as_error()(model.clean_prior, sim.given, p_error)  # ambiguous labels are not billed
+    wrong = sim.wrong
+    n_vendors = len(sim.vendors)
+    truth = np.array([wrong[sim.vendor == v].mean() for v in range(n_vendors)])
+    keys = np.arange(len(f)).astype(str)
+    useless = np.random.default_rng(seed).random(len(f))
+    rng = np.random.default_rng([seed, 7])
+    figures = {"truth": truth, "vendors": list(sim.vendors)}
+    n_per_vendor = np.bincount(sim.vendor)
+    for budget in sorted(set(budgets) | set(SEARCH)):
+        combined, useless_rates, uniform = [], [], []
+        plans = [(model_error, inclusion_probabilities(model_error, sim.vendor, np.full(n_vendors, budget)), out)
+                 for model_error, out in ((f, combined), (useless, useless_rates))]
+        n = np.minimum(budget, n_per_vendor)
+        for draw in range(draws):
+            for model_error, pi, out in plans:
+                drawn = draw_plan(pi, keys, 1000 * budget + draw)
+                out.append(checked_error_rates(model_error, drawn, wrong, pi, sim.vendor, n_vendors))
+            errors = np.array([wrong[rng.choice(np.flatnonzero(sim.vendor == v), n[v], replace=False)].sum()
+                               for v in range(n_vendors)])
+            uniform.append((errors / n, *wilson_interval(errors, n)))
+        figures[budget] = {
+            "rate": np.array([r.rate for r in combined]), "low": np.array([r.low for r in combined]),
+            "high": np.array([r.high for r in combined]),
+            "useless_width": np.array([r.high - r.low for r in useless_rates]),
+            "uniform_rate": np.array([u[0] for u in uniform]), "uniform_low": np.array([u[1] for u in uniform]),
+            "uniform_high": np.array([u[2] for u in uniform]),
+        }
+    return figures
+
+
+def summarize_checks(key: str, runs: list[dict], budgets=BUDGETS) -> dict:
+    """Coverage, mean width and MAE per budget (over vendors, seeds and draws), and per vendor the
+    smallest budget whose mean half-width is at most 2 points (planner, and uniform Wilson)."""
+    vendors = runs[0]["vendors"]
+    truth = np.stack([r["truth"] for r in runs])  # (seeds, V)
+    rows = []
+    for budget in budgets:
+        def stacked(name):
+            return np.stack([r[budget][name] for r in runs])  # (seeds, draws, V)
+        t = truth[:, None, :]
+        rate, low, high = stacked("rate"), stacked("low"), stacked("high")
+        u_rate, u_low, u_high = stacked("uniform_rate"), stacked("uniform_low"), stacked("uniform_high")
+        perfect = t[..., :] == 0
+        rows.append({
+            "budget": budget,
+            "coverage": float(((low <= t) & (t <= high)).mean()),
+            "coverage_min_vendor": float(((low <= t) & (t <= high)).mean(axis=(0, 1)).min()),
+            "width": float((high - low).mean()), "mae": float(np.abs(rate - t).mean()),
+            "uniform_coverage": float(((u_low <= t) & (t <= u_high)).mean()),
+            "uniform_width": float((u_high - u_low).mean()), "uniform_mae": float(np.abs(u_rate - t).mean()),
+            "useless_ratio": float(stacked("useless_width").mean() / (u_high - u_low).mean()),
+            "zero_reached": float((low[np.broadcast_to(perfect, low.shape)] == 0).mean()) if perfect.any() else np.nan,
+        })
+    needed, uniform_needed = [], []
+    for v in range(len(vendors)):
+        halfwidths = {b: float(np.mean([(r[b]["high"][:, v] - r[b]["low"][:, v]) / 2 for r in runs])) for b in SEARCH}
+        needed.append(next((b for b in SEARCH if halfwidths[b] <= TARGET_HALFWIDTH), None))
+        uniform_needed.append(uniform_checks_for_halfwidth(float(truth[:, v].mean()), SEARCH[-1]))
+    return {"key": key, "title": SCENARIOS[key].title, "seeds": len(runs), "vendors": vendors,
+            "truth": truth.mean(axis=0), "rows": rows, "needed": needed, "uniform_needed": uniform_needed}
+
+
+def format_checks_table(summaries: list[dict]) -> str:
+    """Markdown: per scenario and budget, the combined estimate beside uniform checks with Wilson
+    intervals; then the checks each vendor needs for +-2 points."""
+    lines = ["| scenario | checks per vendor | 95% coverage (worst vendor) | mean width, points | MAE, points | "
+             "uniform + Wilson: coverage, width, MAE | useless model: width / uniform width | 0% vendor reaches 0 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        for row in s["rows"]:
+            zero = "n/a" if np.isnan(row["zero_reached"]) else f"{100 * row['zero_reached']:.0f}%"
+            lines.append(
+                f"| {s['key']} {s['title']} | {row['budget']} | {100 * row['coverage']:.1f}% "
+                f"({100 * row['coverage_min_vendor']:.1f}%) | {100 * row['width']:.1f} | {100 * row['mae']:.2f} | "
+                f"{100 * row['uniform_coverage']:.1f}%, {100 * row['uniform_width']:.1f}, "
+                f"{100 * row['uniform_mae']:.2f} | {row['useless_ratio']:.2f} | {zero} |")
+    lines += ["", "Checks per vendor for a 95% half-width of at most 2 points (mean over seeds and draws; planner "
+              "searched over " + ", ".join(map(str, SEARCH)) + "; uniform: Wilson at the true rate):", "",
+              "| scenario | vendor (true %) | planner + model | uniform + Wilson |", "|---|---|---|---|"]
+    for s in summaries:
+        for v, name in enumerate(s["vendors"]):
+            planner = s["needed"][v] if s["needed"][v] is not None else f"> {SEARCH[-1]}"
+            lines.append(f"| {s['key']} | {name} ({100 * s['truth'][v]:.1f}) | {planner} | {s['uniform_needed'][v]} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_checks_benchmark(keys: list[str], config: BenchConfig, budgets=BUDGETS, draws: int = 20) -> list[dict]:
+    summaries = []
+    for key in keys:
+        runs = []
+        for seed in range(config.seeds):
+            log.info("checks: scenario %s seed %d/%d", key, seed + 1, config.seeds)
+            runs.append(run_checks_seed(key, seed, config, budgets, draws))
+        summaries.append(summarize_checks(key, runs, budgets))
+        log.info("checks: scenario %s done:\n%s", key, format_checks_table(summaries[-1:]))
+    return summaries
