@@ -9,9 +9,10 @@ import pandas as pd
 
 from assets.scoring import _require_champion, _table, label_issues
 from ml.audit import load_audit
+from ml.check_plan import read_answers_state, read_plans, vendor_checks, write_answers_state
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
-from ml.scorecard import build_scorecard, compare_vendors
+from ml.scorecard import build_scorecard, checks_last, compare_vendors
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
 
@@ -20,7 +21,8 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     group_name="vendor_audit",
     kinds={"pandas", "mlflow"},
     pool="dvc",
-    description="One row per vendor: error rate with a 95% interval, flagged and ambiguous counts, rank; "
+    description="One row per vendor: error rate with a 95% interval (combined with the hand checks where a vendor "
+                "has them), flagged and ambiguous counts, rank, hand-check and gold columns; "
                 "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
                 "self-contained report.html).",
 )
@@ -33,18 +35,23 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     issues = pd.read_csv(audit_home.reports / "label_issues.csv", dtype=str, keep_default_na=False)
     vendor_index = issues["vendor"].map({v: i for i, v in enumerate(vendors)}).to_numpy(np.int64)
     dataset_version = dvc.version_of("curated")
-    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates)
-    scorecard = scorecard.assign(
+    answers_state = read_answers_state(audit_home.checks_state)
+    checks_version = answers_state.get("versions", {}).get("checks", "")
+    checks = vendor_checks(issues, read_plans(audit_home.plans), vendors, rates.low, rates.high)
+    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates, checks=checks)
+    scorecard = checks_last(scorecard.assign(
         cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
-        dataset_version=dataset_version, model_version=champion["model_version"])
-    comparisons = compare_vendors(vendors, rates)
+        dataset_version=dataset_version, model_version=champion["model_version"])).assign(
+        checks_version=checks_version)
+    comparisons = compare_vendors(vendors, rates, checks=checks)
     reports = audit_home.reports
     atomic_write_csv(reports / "scorecard.csv", scorecard)
     atomic_write_csv(reports / "comparisons.csv", comparisons)
     provenance = {"dataset_version": dataset_version,
                   "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
                   "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
-                  "head": champion["head"], "mlflow_run": champion["run_id"]}
+                  "head": champion["head"], "mlflow_run": champion["run_id"],
+                  **{f"{folder}_version": version for folder, version in answers_state.get("versions", {}).items()}}
     annotators_path = reports / "annotators.csv"
     report = build_report(
         scorecard, comparisons, issues, confusion, vendors, settings.classes,
@@ -52,16 +59,19 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         images=load_issue_images(audit_home.curated, likely_errors(issues)),
         quarantined=read_quarantine(audit_home.quarantine), quarantine_warn_share=settings.quarantine_warn_share,
         n_boot=rates.bootstrap.shape[0],
-        annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None)
+        annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None, hand_checks=checks)
     write_report(reports, report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
     dvc.commit_stage("audit")
+    # the scorecard now reflects the answers hand_checks read: `run` and checks_sensor compare with this
+    write_answers_state(audit_home.checks_state, scored=answers_state.get("read", ""))
     mlflow = mlflow_tracking.start()
     with mlflow.start_run(run_id=champion["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")
     context.log.info("scorecard:\n" + scorecard.to_string(index=False))
     return dg.MaterializeResult(metadata={
         "scorecard": _table(scorecard),
+        "hand_checks": _table(checks),
         "comparisons": _table(comparisons),
         "report": dg.MetadataValue.md(report.markdown),
         **provenance,

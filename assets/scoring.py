@@ -4,10 +4,12 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from assets.checks import hand_checks
 from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
+from ml.check_plan import apply_checks, read_answers
 from ml.delivery import Delivery, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key
 from ml.files import atomic_write_bytes, atomic_write_csv
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -63,12 +65,13 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
 
 
 @dg.asset(
-    deps=[cv_models, batch_scores],
+    deps=[cv_models, batch_scores, hand_checks],
     group_name="vendor_audit",
     kinds={"pandas", "csv"},
     description="Per image: probability the given label is wrong, suggested label and a verdict "
                 "(ok, error, ambiguous, outlier) from per-vendor noise models fitted to the champion's "
-                "out-of-sample probabilities; reports/label_issues.csv.",
+                "out-of-sample probabilities; a checked image's verdict follows its hand check (checked_labels; "
+                "the model's verdict kept in model_verdict); reports/label_issues.csv.",
 )
 def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
                  mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
@@ -85,6 +88,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
         context.log.warning(f"vendor {name}: error detection is weak for its labels, its rate is uncertain")
     issues = issues.assign(model_version=champion["model_version"], model_trained_on=champion["dataset_version"],
                            prediction=source, duplicate_of=duplicate_of(rows).to_numpy())
+    issues = apply_checks(issues, read_answers(audit_home.reports / "hand_checks.csv"))
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
     annotators_path = audit_home.reports / "annotators.csv"
@@ -93,7 +97,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
     else:
         annotators_path.unlink(missing_ok=True)  # no annotator named: no stale table from an earlier audit
     counts = issues["verdict"].value_counts().to_dict()
-    context.log.info(f"label issues: {counts}")
+    context.log.info(f"label issues: {counts}; {int((issues['checked_labels'] != '').sum())} images checked by hand")
     worst = issues.sort_values("p_error", ascending=False).head(20)
     return dg.MaterializeResult(metadata={
         "dataset_version": dvc.version_of("curated"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ml.checks import QUARANTINE_KINDS
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.scorecard import format_p_value
@@ -537,7 +538,9 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
     if any(a[0].startswith(("Check a sample", "Spot-check")) for a in actions):
         actions.append(("The flagged images are the rows of label_issues.csv with verdict \"error\"; the most "
                         "likely of each vendor are shown below.",))
-    sureness = (f"How sure: each rate is an estimate with a 95% interval from {n_boot:,} bootstrap refits. A vendor "
+    sureness = (f"How sure: each rate is an estimate with a 95% interval from {n_boot:,} bootstrap refits"
+                + ("; where hand checks exist, from the checks combined with the model" if _any_combined(card) else "")
+                + ". A vendor "
                 f"is called better than another only where the pairwise test finds the difference significant at "
                 f"the 5% level after the Holm correction for making {_count(len(comps), 'comparison')} at once.")
     blocks = [Heading(2, "Summary"), Bullets(tuple(findings)), _para(sureness)]
@@ -548,6 +551,69 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
 
 def _rank_text(rank) -> str:
     return str(int(rank)) if _finite(rank) else "-"
+
+
+def _hand_checks(card, checks: pd.DataFrame | None) -> list:
+    """Per vendor: the design checks, errors found, the checks-only and combined rates, and the further
+    checks expected to halve the interval; then unplanned checks, answers awaited and gold images."""
+    if checks is None:
+        return []
+    frame = checks.set_index("vendor")
+    blocks = [Heading(2, "Hand checks")]
+    anything = int(frame[["n_checked", "unplanned_checks", "awaiting_answers", "gold_images"]].to_numpy().sum())
+    if not anything:
+        rows = tuple((v, f"{int(frame.at[v, 'checks_to_halve']):,}") for v in card["vendor"] if v in frame.index)
+        return blocks + [
+            _para("No image has been checked by hand yet. vendor-audit plan --budget N draws N images per vendor "
+                  "to check, more where the model is unsure; once answered (checks/*.csv), each rate combines the "
+                  "checks with the model and its interval holds whatever the model's quality."),
+            Table(("Vendor", "Checks expected to halve the interval"), rows)]
+    rows = []
+    for vendor in card["vendor"]:
+        if vendor not in frame.index:
+            continue
+        r = frame.loc[vendor]
+        combined = bool(r["combined"])
+        rows.append((vendor, f"{int(r['n_checked']):,}", f"{int(r['checked_errors']):,}",
+                     percent_interval(r["checks_error_rate"], r["checks_error_rate_low"], r["checks_error_rate_high"])
+                     if combined else "-",
+                     percent_interval(r["combined_rate"], r["combined_low"], r["combined_high"]) if combined else "-",
+                     f"{int(r['checks_to_halve']):,}"))
+    blocks += [
+        _para("Images checked by hand as part of a check plan (drawn at random with known probabilities, more where "
+              "the model is unsure) or as gold images. Each checked image's verdict follows the check. Where a "
+              "vendor has such checks, its rate combines them with the model (a prediction-powered estimate): the "
+              "checks correct the model's bias, so the rate stays unbiased and its interval valid whatever the "
+              "model's quality. The checks-only rate weights each check by its probability of being drawn."),
+        Table(("Vendor", "Checks", "Errors found", "Checks only (95% interval)", "Combined with the model (95% interval)",
+               "More checks to halve the interval"), tuple(rows)),
+    ]
+    notes = []
+    for vendor in card["vendor"]:
+        if vendor not in frame.index:
+            continue
+        r = frame.loc[vendor]
+        if int(r["unplanned_checks"]):
+            notes.append((Strong(vendor), f": {_count(int(r['unplanned_checks']), 'answer')} for images no plan "
+                          "drew: their verdicts follow the answers, but they are left out of the rate, since nobody "
+                          "knows how likely they were to be chosen (picked because they looked wrong, they would "
+                          "bias it)."))
+        if int(r["awaiting_answers"]):
+            notes.append((Strong(vendor), f": {_count(int(r['awaiting_answers']), 'planned image')} not answered "
+                          "yet (reports/check_plan.csv)."))
+        if int(r["n_checked"]) and int(r["outside_plans"]):
+            notes.append((Strong(vendor), f": {_count(int(r['outside_plans']), 'image')} in no check plan "
+                          "(delivered after the last one, or none drawn yet), so the rate shown is the model's until "
+                          "vendor-audit plan covers them."))
+        if int(r["gold_images"]):
+            notes.append((Strong(vendor), f": {_count(int(r['gold_images']), 'gold image')}, "
+                          f"{percent(r['gold_accuracy'])} labelled correctly."))
+    if notes:
+        blocks.append(Bullets(tuple(notes)))
+    blocks.append(_para("More checks to halve the interval: the checks one more plan would need, expected from the "
+                        "model's probabilities of error; while fewer than five errors are found the interval is the "
+                        "exact checks-only one, and at least as many checks again are counted."))
+    return blocks
 
 
 def _vendor_table(card) -> list:
@@ -562,8 +628,14 @@ def _vendor_table(card) -> list:
               "images and corrected for what the detector misses, with a 95% interval. Likely errors: images "
               "individually flagged as probably mislabeled. Ambiguous: images that genuinely show two classes; "
               "they are not counted as errors. Rank 1 has the fewest errors; a rank alone does not mean a "
-              "difference is real (see the pairwise comparisons)."),
+              "difference is real (see the pairwise comparisons)."
+              + (" Where a vendor's images were checked by hand, its rate combines the checks with the model "
+                 "(see Hand checks)." if _any_combined(card) else "")),
     ]
+
+
+def _any_combined(card) -> bool:
+    return "n_checked" in card and bool((pd.to_numeric(card["checks_error_rate"], errors="coerce").notna()).any())
 
 
 def _pairwise(comps) -> list:
@@ -736,7 +808,7 @@ def _provenance(provenance: dict) -> list:
 def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.DataFrame, confusion: np.ndarray,
                  vendors: list[str], classes: tuple[str, ...], provenance: dict, images: dict[str, np.ndarray],
                  quarantined: pd.DataFrame, quarantine_warn_share: float, n_boot: int,
-                 annotators: pd.DataFrame | None = None) -> Report:
+                 annotators: pd.DataFrame | None = None, hand_checks: pd.DataFrame | None = None) -> Report:
     """The audit report for a vendor manager, as Markdown and as one self-contained HTML page.
 
     Parameters
@@ -754,6 +826,8 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     n_boot : bootstrap replicates behind the intervals and p-values.
     annotators : optional per-annotator rates (vendor, annotator, n_images, n_flagged, error_rate,
         error_rate_low, error_rate_high, status).
+    hand_checks : optional per-vendor hand checks (:data:`ml.check_plan.VENDOR_CHECK_COLUMNS`): a "Hand
+        checks" section after the pairwise comparisons.
 
     Returns
     -------
@@ -771,6 +845,7 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     blocks += _summary(card, comps, intake[intake["share"] > quarantine_warn_share], duplicates, n_boot)
     blocks += _vendor_table(card)
     blocks += _pairwise(comps)
+    blocks += _hand_checks(card, hand_checks)
     blocks += _annotators(annotators)
     blocks += _confusions(card, issues)
     blocks += _gallery(card, issues, images, files)
@@ -801,9 +876,12 @@ def load_issue_images(curated: Path, rows: pd.DataFrame) -> dict[str, np.ndarray
 
 
 def read_quarantine(quarantine: Path) -> pd.DataFrame:
-    """Every quarantined row under ``quarantine/<vendor>/<batch>.csv`` (QUARANTINE_COLUMNS)."""
+    """Every quarantined delivery row under ``quarantine/<vendor>/<batch>.csv`` (QUARANTINE_COLUMNS);
+    the hand-check answers' quarantine (``quarantine/checks/``, ``quarantine/gold/``) is not a delivery's."""
     frames = []
     for path in sorted(quarantine.glob("*/*.csv")):
+        if path.parent.name in QUARANTINE_KINDS:
+            continue
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         missing = [c for c in ("vendor", "batch", "reason") if c not in frame]
         if missing:

@@ -3,6 +3,10 @@
 A vendor with fewer than ``MIN_IMAGES_TO_RATE`` images is reported as "too few images to rate": its
 interval is shown, it gets no rank and takes part in no comparison. Pairwise p-values are Holm-adjusted
 across every pair tested, and a vendor is called better only where the adjusted p-value says so.
+
+With hand checks (``checks``: the per-vendor frame of :func:`ml.check_plan.vendor_checks`), a vendor
+whose checks are combined with the model gets the combined estimate as its ``error_rate`` and its
+interval; the model-only figures stay in ``model_error_rate*``.
 """
 
 from __future__ import annotations
@@ -21,49 +25,102 @@ COMPARISON_COLUMNS = ["vendor_a", "vendor_b", "difference", "difference_low", "d
 # (exact binomial: 0 errors in 200 images leaves up to 1.8%; at 5% the interval is 2.4-9.0%), and the
 # vendor's own confusion matrix has under 20 images per class to fit.
 MIN_IMAGES_TO_RATE = 200
+# appended to the scorecard when hand checks are folded in (after the columns the asset adds)
+SCORECARD_CHECK_COLUMNS = ["n_checked", "checked_errors", "checks_error_rate", "checks_error_rate_low",
+                           "checks_error_rate_high", "model_error_rate", "model_error_rate_low",
+                           "model_error_rate_high", "gold_images", "gold_accuracy"]
 RATED = "rated"
 TOO_FEW = "too few images to rate"
 SMALLEST_P = 0.001  # normal tails are not trusted further out than this with a few hundred replicates
 
 
+def _checks_by_group(names: list[str], checks: pd.DataFrame) -> pd.DataFrame:
+    """The per-vendor checks frame in ``names`` order (a vendor it lacks: no checks)."""
+    frame = checks.set_index("vendor").reindex(names)
+    frame["combined"] = frame["combined"].fillna(False).astype(bool)
+    for column in ("n_checked", "checked_errors", "gold_images", "outside_plans"):
+        if column in frame:
+            frame[column] = frame[column].fillna(0).astype(int)
+    return frame
+
+
+def combined_rates(names: list[str], rates: VendorRates,
+                   checks: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (G,): the rate, its 95% interval (low, high) and whether it combines hand checks: the
+    combined estimate where ``checks`` says so, the model's elsewhere."""
+    if checks is None:
+        return rates.rate, rates.low, rates.high, np.zeros(len(names), bool)
+    frame = _checks_by_group(names, checks)
+    use = frame["combined"].to_numpy(bool)
+    return (np.where(use, frame["combined_rate"].to_numpy(float), rates.rate),
+            np.where(use, frame["combined_low"].to_numpy(float), rates.low),
+            np.where(use, frame["combined_high"].to_numpy(float), rates.high), use)
+
+
 def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: VendorRates,
-               min_images: int = MIN_IMAGES_TO_RATE) -> pd.DataFrame:
+               min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per group (vendor, or vendor/annotator) in ``names`` order: SCORECARD_COLUMNS, then
     ``status``, ``note`` and ``ambiguous_rate``. ``group`` (N,) indexes ``names``; ``verdict`` (N,) str.
-    ``rank`` (1 = fewest errors) is given to rated groups only; ``error_rate`` counts clear errors."""
+    ``rank`` (1 = fewest errors) is given to rated groups only; ``error_rate`` counts clear errors.
+
+    With ``checks`` (per vendor, :func:`ml.check_plan.vendor_checks`), SCORECARD_CHECK_COLUMNS follow:
+    ``error_rate*`` are then the combined estimate where the vendor's checks are combined, the model's
+    otherwise (``model_error_rate*`` always); the checks-only columns are empty where not combined."""
     n = len(names)
     n_images = np.bincount(group, minlength=n)
     rated = n_images >= min_images
+    rate, low, high, combined = combined_rates(names, rates, checks)
+    frame = _checks_by_group(names, checks) if checks is not None else None
     notes = []
     for v in range(n):
         note = []
         if not rated[v]:
             note.append(f"too few images to rate ({n_images[v]} < {min_images}): no rank, no comparison")
-        if rates.weak_detection[v]:
+        if rates.weak_detection[v] and not combined[v]:
             note.append("error detection is weak for these labels: the rate is uncertain")
+        if frame is not None and frame["n_checked"].iloc[v] and frame["outside_plans"].iloc[v]:
+            note.append(f"{frame['outside_plans'].iloc[v]} images are in no check plan (delivered after the last "
+                        "one, or none drawn yet): the rate is the model's until a plan covers them (vendor-audit plan)")
         notes.append("; ".join(note))
     table = pd.DataFrame({
         "vendor": names,
         "n_images": n_images,
         "n_flagged": np.bincount(group, weights=verdict == "error", minlength=n).astype(int),
         "n_ambiguous": np.bincount(group, weights=verdict == "ambiguous", minlength=n).astype(int),
-        "error_rate": rates.rate.round(4),
-        "error_rate_low": rates.low.round(4),
-        "error_rate_high": rates.high.round(4),
+        "error_rate": np.round(rate, 4),
+        "error_rate_low": np.round(low, 4),
+        "error_rate_high": np.round(high, 4),
     })
     table["rank"] = table["error_rate"].where(rated).rank(method="min").astype("Int64")
     table["status"] = np.where(rated, RATED, TOO_FEW)
     table["note"] = notes
     table["ambiguous_rate"] = (table["n_ambiguous"] / table["n_images"].clip(lower=1)).round(4)
+    if frame is not None:
+        for column in ("n_checked", "checked_errors"):
+            table[column] = frame[column].to_numpy()
+        for column in ("checks_error_rate", "checks_error_rate_low", "checks_error_rate_high"):
+            table[column] = frame[column].to_numpy(float).round(4)
+        table["model_error_rate"] = rates.rate.round(4)
+        table["model_error_rate_low"] = rates.low.round(4)
+        table["model_error_rate_high"] = rates.high.round(4)
+        table["gold_images"] = frame["gold_images"].to_numpy()
+        table["gold_accuracy"] = frame["gold_accuracy"].to_numpy(float).round(4)
     return table
 
 
 def build_scorecard(vendors: list[str], vendor: np.ndarray, verdict: np.ndarray, rates: VendorRates,
-                    min_images: int = MIN_IMAGES_TO_RATE) -> pd.DataFrame:
+                    min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None) -> pd.DataFrame:
     """The scorecard: :func:`rate_table` per vendor, rated vendors by rank first, then the others."""
-    card = rate_table(vendors, vendor, verdict, rates, min_images)
+    card = rate_table(vendors, vendor, verdict, rates, min_images, checks)
     order = card.assign(_unrated=card["rank"].isna()).sort_values(["_unrated", "rank", "vendor"]).index
     return card.loc[order].reset_index(drop=True)
+
+
+def checks_last(card: pd.DataFrame) -> pd.DataFrame:
+    """``card`` with SCORECARD_CHECK_COLUMNS moved to the end, after columns added to it later: they are
+    appended to the scorecard's established columns, whose order is kept."""
+    moved = [c for c in SCORECARD_CHECK_COLUMNS if c in card]
+    return card[[c for c in card.columns if c not in moved] + moved]
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
@@ -89,7 +146,7 @@ def format_p_value(p: float) -> str:
 
 
 def compare_vendors(vendors: list[str], rates: VendorRates, alpha: float = 0.05,
-                    min_images: int = MIN_IMAGES_TO_RATE) -> pd.DataFrame:
+                    min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every pair (a, b): ``difference`` = rate(a) - rate(b) with a 95% interval, the two-sided p-value
     and its Holm adjustment across all pairs tested, and a plain-words ``conclusion`` drawn from the
     adjusted p-value.
@@ -98,17 +155,28 @@ def compare_vendors(vendors: list[str], rates: VendorRates, alpha: float = 0.05,
     never less than the exact binomial intervals of the two vendors allow; the interval and the
     unadjusted p-value come from that one normal approximation, so they agree. Pairs with a vendor under
     ``min_images`` images are listed but not tested.
+
+    A pair where either vendor's rate combines hand checks (``checks``, see :func:`rate_table`) compares
+    the rates of the scorecard; its standard error is the root sum of squares of the two vendors' own,
+    each read off its 95% interval (``(high - low) / (2 z)``): the checks of two vendors are drawn
+    independently.
     """
     exact_low, exact_high = exact_binomial_interval(rates.rate, rates.n_images)
     floor_se = (exact_high - exact_low) / (2 * norm.ppf(0.975))
     rated = rates.n_images >= min_images
+    rate, low, high, combined = combined_rates(vendors, rates, checks)
+    interval_se = (high - low) / (2 * norm.ppf(0.975))
     rows = []
     for a in range(len(vendors)):
         for b in range(a + 1, len(vendors)):
-            point = float(rates.rate[a] - rates.rate[b])
+            if combined[a] or combined[b]:
+                point = float(rate[a] - rate[b])
+                se = max(float(np.hypot(interval_se[a], interval_se[b])), 1e-9)
+            else:
+                point = float(rates.rate[a] - rates.rate[b])
+                se = max(float(np.std(rates.bootstrap[:, a] - rates.bootstrap[:, b], ddof=1)),
+                         float(np.hypot(floor_se[a], floor_se[b])), 1e-9)
             row = {"vendor_a": vendors[a], "vendor_b": vendors[b], "difference": round(point, 4)}
-            se = max(float(np.std(rates.bootstrap[:, a] - rates.bootstrap[:, b], ddof=1)),
-                     float(np.hypot(floor_se[a], floor_se[b])), 1e-9)
             half = norm.ppf(1 - alpha / 2) * se
             row["difference_low"] = round(max(point - half, -1.0), 4)
             row["difference_high"] = round(min(point + half, 1.0), 4)

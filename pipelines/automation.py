@@ -1,4 +1,5 @@
-"""Jobs, the delivery sensor, the scorecard refresh after each ingestion, and the nightly schedule."""
+"""Jobs, the delivery sensor, the scorecard refresh after each ingestion, the hand-checks sensor, and the
+nightly schedule."""
 
 import dagster as dg
 
@@ -6,6 +7,7 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.scoring import batch_scores
 from assets.training import cv_models
+from ml.check_plan import answers_fingerprint, read_answers_state
 from ml.delivery import changed_deliveries, find_ready_deliveries, is_settled, scan_landing
 from pipelines.resources import AuditHome, MlflowTracking
 
@@ -61,6 +63,30 @@ def delivery_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome) 
 def scorecard_refresh_sensor(context: dg.RunStatusSensorContext, mlflow_tracking: MlflowTracking):
     job = score_job if mlflow_tracking.champion() is not None else audit_job
     return dg.RunRequest(run_key=f"after-{context.dagster_run.run_id}", job_name=job.name)
+
+
+def answers_changed(audit_home: AuditHome) -> bool:
+    """Whether the files in checks/ or gold/ differ (names, sizes, modification times) from those the
+    current scorecard was computed with."""
+    scored = read_answers_state(audit_home.checks_state).get("scored", "")
+    return answers_fingerprint(audit_home.checks, audit_home.gold) != scored
+
+
+@dg.sensor(job=score_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED,
+           description="When files in checks/ or gold/ are added, changed or removed, re-scores the vendors with "
+                       "the hand checks (score_vendors: no retraining).")
+def checks_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome,
+                  mlflow_tracking: MlflowTracking) -> dg.SensorResult:
+    fingerprint = answers_fingerprint(audit_home.checks, audit_home.gold)
+    if not answers_changed(audit_home):
+        return dg.SensorResult(skip_reason="hand checks unchanged since the last scorecard", cursor=fingerprint)
+    if fingerprint == context.cursor:
+        return dg.SensorResult(skip_reason="a re-score was already requested for these hand checks")
+    if mlflow_tracking.champion() is None:  # the first audit reads the answers; the cursor stays
+        return dg.SensorResult(skip_reason="no model yet: the first audit will read the hand checks")
+    context.log.info(f"hand checks changed under {audit_home.checks} or {audit_home.gold}: re-scoring")
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"checks-{fingerprint[:16] or 'none'}")],
+                           cursor=fingerprint)
 
 
 nightly_schedule = dg.ScheduleDefinition(

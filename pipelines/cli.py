@@ -87,7 +87,7 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
         parse_key, scan_landing, summarize_run,
     )
     from pipelines.store import champion_outputs
-    from pipelines.automation import new_deliveries, pending_deliveries
+    from pipelines.automation import answers_changed, new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
     from pipelines.resources import AuditHome, MlflowTracking
 
@@ -152,6 +152,9 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
     elif curated_now or rescored or not scorecard_path.is_file():
         log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
         execute("score_vendors")
+    elif answers_changed(audit_home):
+        log.info("hand checks changed under %s or %s: re-scoring (no retraining)", audit_home.checks, audit_home.gold)
+        execute("score_vendors")
     else:
         log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
     return AuditRun(pd.read_csv(scorecard_path), summary())
@@ -188,8 +191,9 @@ def _without_stack_trace(record: logging.LogRecord) -> bool:
     return True
 
 
-def format_summary(summary: RunSummary) -> list[str]:
-    """The run's summary as plain lines, printed after the scorecard."""
+def format_summary(summary: RunSummary, hand_checks: list[str] = ()) -> list[str]:
+    """The run's summary as plain lines, printed after the scorecard; ``hand_checks``: lines about the
+    answers read (:func:`hand_check_lines`)."""
     lines = ["summary:"]
     if summary.outcomes:
         lines.append(f"  deliveries read in this run: {len(summary.outcomes)} ({len(summary.ingested)} ingested, "
@@ -219,8 +223,30 @@ def format_summary(summary: RunSummary) -> list[str]:
         lines += [f"    {folder.path}: {folder.reason}" for folder in summary.ignored]
     if summary.waiting:
         lines.append("  waiting for _READY: " + ", ".join(summary.waiting))
+    lines += list(hand_checks)
     if summary.input_problems:
         lines.append("  some input had problems (exit status 3)")
+    return lines
+
+
+def hand_check_lines(home: Path) -> list[str]:
+    """Summary lines about the hand checks the last audit read: answers used, rows quarantined with
+    the most frequent reasons; nothing when there are no answer files."""
+    from ml.check_plan import answers_fingerprint, chosen_answers, read_answers
+
+    if not answers_fingerprint(home / "checks", home / "gold"):
+        return []
+    used = chosen_answers(read_answers(home / "reports" / "hand_checks.csv"))
+    lines = [f"  hand checks: {len(used)} images checked ({int((used['kind'] == 'gold').sum())} gold), "
+             f"{int((~used['correct']).sum())} labels found wrong"]
+    for kind in ("checks", "gold"):
+        files = sorted((home / "quarantine" / kind).glob("*.csv"))
+        if not files:
+            continue
+        rejected = pd.concat([pd.read_csv(f, dtype=str, keep_default_na=False) for f in files], ignore_index=True)
+        reasons = rejected["reason"].str.replace(r"'[^']*'", "'…'", regex=True).value_counts().head(3)
+        lines.append(f"    {len(rejected)} rows of {kind}/ quarantined (quarantine/{kind}/); top reasons: "
+                     + ", ".join(f"{reason} ({count})" for reason, count in reasons.items()))
     return lines
 
 
@@ -251,9 +277,99 @@ def _simulate(args) -> None:
 
 
 def _demo(args) -> int:
+    """``simulate`` and ``run``; with ``--checks N``, then a plan of N checks per vendor answered from the
+    simulation's truth into checks/demo.csv, and ``run`` again."""
+    if args.checks is not None and args.checks < 1:
+        raise ValueError(f"--checks must be a number of checks per vendor >= 1 (got {args.checks})")
     _simulate(args)
     args.retrain = False
-    return _run(args)
+    status = _run(args)
+    if args.checks is None:
+        return status
+    check_plan = make_plan(args.home, budget=args.checks)
+    _print_plan(args.home, check_plan)
+    path = answer_demo_checks(args.home, check_plan.to_check)
+    print(f"\nanswered {len(check_plan.to_check)} planned images from the simulated truth: {path}\n")
+    return max(status, _run(args))
+
+
+def make_plan(home: Path, budget: float | None = None, halfwidth: float | None = None):
+    """Draw and write the next check plan of ``home`` from its current audit (see ``vendor-audit plan``);
+    returns the :class:`ml.check_plan.CheckPlan`."""
+    from ml.check_plan import (
+        CheckPlanError, check_plan_markdown, collect_answers, draw_check_plan, read_plans, write_check_plan,
+    )
+    from ml.checks import read_checks, read_gold
+    from ml.config import load_settings
+    from ml.delivery import load_curated_rows
+    from ml.report import load_issue_images
+    from pipelines.locks import exclusive
+    from pipelines.resources import AuditHome, DvcRepo
+
+    settings = load_settings(home)
+    issues_path = home / "reports" / "label_issues.csv"
+    # the audit rewrites label_issues.csv and the plan numbers must not collide: one at a time
+    with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
+        if not issues_path.is_file():
+            raise CheckPlanError(f"{issues_path}: no audit yet: run vendor-audit run --home {home} first; the plan "
+                                 "is drawn from its per-image probabilities of error")
+        issues = pd.read_csv(issues_path, dtype=str, keep_default_na=False)
+        rows = load_curated_rows(home / "curated")
+        rows = rows[rows["image_id"].isin(issues["image_id"])]
+        checks, _ = read_checks(home / "checks", settings.classes, pd.Index(issues["image_id"]))
+        gold, _ = read_gold(home / "gold", settings.classes)
+        answers = collect_answers(rows, checks, gold)
+        scorecard_path = home / "reports" / "scorecard.csv"
+        current = (pd.read_csv(scorecard_path).set_index("vendor")["error_rate"].to_dict()
+                   if scorecard_path.is_file() else None)
+        check_plan = draw_check_plan(issues, set(answers["image_id"]),
+                                     set(answers.loc[answers["kind"] == "gold", "image_id"]),
+                                     read_plans(home / "plans"), budget=budget, halfwidth=halfwidth,
+                                     current_rate=current)
+        listed = issues[issues["image_id"].isin(check_plan.to_check["image_id"])]
+        markdown, files = check_plan_markdown(check_plan, load_issue_images(home / "curated", listed))
+        write_check_plan(home / "plans", home / "reports", check_plan, markdown, files)
+        # the plan is the record of the design the estimate relies on: versioned as soon as it exists
+        DvcRepo(audit_home=AuditHome(home=str(home))).snapshot_folders(["plans"])
+    return check_plan
+
+
+def answer_demo_checks(home: Path, to_check: pd.DataFrame) -> Path:
+    """Answer every image of ``to_check`` from ``home/truth.csv`` into ``home/checks/demo.csv`` (added to
+    the answers already there): the demo's perfect checker. Returns the file's path."""
+    from ml.check_plan import answers_from_truth
+    from ml.files import atomic_write_csv
+    from ml.simulate import TRUTH_FILE
+
+    truth_path = home / TRUTH_FILE
+    if not truth_path.is_file():
+        raise FileNotFoundError(f"{truth_path}: no simulated truth to answer the checks from")
+    answers = answers_from_truth(to_check, pd.read_csv(truth_path, dtype=str, keep_default_na=False))
+    path = home / "checks" / "demo.csv"
+    if path.is_file():
+        earlier = pd.read_csv(path, dtype=str, keep_default_na=False)
+        answers = pd.concat([earlier, answers[~answers["image_id"].isin(earlier["image_id"])]], ignore_index=True)
+    atomic_write_csv(path, answers)
+    return path
+
+
+def _print_plan(home: Path, check_plan) -> None:
+    shown = check_plan.vendors.copy()
+    for column in ("error_rate", "expected_low", "expected_high"):
+        shown[column] = shown[column].map(lambda x: f"{100 * x:.1f}%" if pd.notna(x) else "n/a")
+    print(f"check plan {check_plan.number:03d}: {home / 'plans' / f'plan-{check_plan.number:03d}.csv'}")
+    print(shown.rename(columns={"n_images": "images", "to_check": "to_check_now", "error_rate": "rate_now",
+                                "expected_low": "expected_95%_low", "expected_high": "expected_95%_high"})
+          .to_string(index=False))
+    print(f"\n{len(check_plan.to_check)} images to check: {home / 'reports' / 'check_plan.csv'} "
+          f"(thumbnails: {home / 'reports' / 'check_plan.md'})")
+    print(f"answers: {home / 'checks'}/<name>.csv with columns image_id,true_labels (several classes: a|b), "
+          f"then vendor-audit run --home {home}")
+
+
+def _plan(args) -> int:
+    _print_plan(args.home, make_plan(args.home, budget=args.budget, halfwidth=args.halfwidth))
+    return 0
 
 
 def _run(args) -> int:
@@ -266,7 +382,7 @@ def _run(args) -> int:
         print(f"\nreports: {args.home / 'reports'}")
     else:
         print("no scorecard: no delivery is curated yet")
-    print("\n" + "\n".join(format_summary(done.summary)))
+    print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home))))
     if done.summary.input_problems:
         return 3
     if done.scorecard is None:
@@ -447,8 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="wrong labels: any other class, or swaps of confusable class pairs")
         p.add_argument("--ambiguous", type=float, default=0.0,
                        help="share of images composed of two classes (their truth is both)")
+        if name == "demo":
+            p.add_argument("--checks", type=int, default=None, metavar="N",
+                           help="then plan N hand checks per vendor, answer them from the simulated truth "
+                                "(checks/demo.csv) and run again")
     p = add("run", "ingest new deliveries and audit the vendors")
     p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
+    p = add("plan", "draw the next hand-check plan: reports/check_plan.csv and check_plan.md list the images to check")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--budget", type=float, metavar="N", help="expected checks per vendor in this plan")
+    size.add_argument("--halfwidth", type=float, metavar="H",
+                      help="per vendor, the checks expected to give a 95%% interval of +-H (e.g. 0.02)")
     p = add("bench", "benchmark the estimates against the truth and cleanlab; writes BENCHMARKS.md")
     p.add_argument("--scenarios", default="A,B,C,D,E,W,S500,S100,L",
                    help="comma-separated scenario keys (default %(default)s; see BENCHMARKS.md)")
@@ -527,13 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         _console_logging("vendor_audit", "pipelines", "ml", level=logging.DEBUG)
     import dagster as dg
 
+    from ml.check_plan import CheckPlanError
     from ml.config import ConfigError
     from ml.delivery import DeliveryError, TaxonomyChanged
     from pipelines.resources import DvcError, TrackingUnavailable
     from pipelines.store import ModelFileError
 
-    input_errors = (ConfigError, DeliveryError, TaxonomyChanged)
-    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "bench": _bench,
+    input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
+    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "bench": _bench,
                 "bench-incremental": _bench_incremental, "screenshots": _screenshots, "ui": _ui,
                 "mlflow-ui": _mlflow_ui}
     try:

@@ -47,6 +47,27 @@ class AuditHome(dg.ConfigurableResource):
         return self.root / ".state" / "deliveries"
 
     @property
+    def checks(self) -> Path:
+        """Hand-check answer files, ``<name>.csv`` (image_id, true_labels[, checker, checked_at])."""
+        return self.root / "checks"
+
+    @property
+    def gold(self) -> Path:
+        """Gold (honeypot) files, ``<name>.csv`` (sha256, true_labels)."""
+        return self.root / "gold"
+
+    @property
+    def plans(self) -> Path:
+        """Check plans, ``plan-NNN.csv``: every image's inclusion probability in each round."""
+        return self.root / "plans"
+
+    @property
+    def checks_state(self) -> Path:
+        """The fingerprint of the answers last read and last scored, and the DVC versions of checks/,
+        gold/ and plans/ (ml.check_plan.read_answers_state)."""
+        return self.root / ".state" / "hand-checks.json"
+
+    @property
     def models(self) -> Path:
         return self.root / "models"
 
@@ -133,6 +154,8 @@ stages:
     cmd: vendor-audit run --home .
     deps:
       - landing
+      - checks
+      - gold
       - vendor-audit.yaml
     outs:
       - reports/scorecard.csv:
@@ -164,6 +187,8 @@ class DvcRepo(dg.ConfigurableResource):
             self._dvc("config", "core.autostage", "false")
         remote = self.remote_url or self.audit_home.settings().dvc_remote or str(root / "dvc-remote")
         self._dvc("remote", "add", "--default", "--force", "storage", remote)
+        for folder in ("checks", "gold"):  # dependencies of the stage: they exist, empty until answers come
+            (root / folder).mkdir(exist_ok=True)
         if not (root / "dvc.yaml").is_file():
             (root / "dvc.yaml").write_text(DVC_PIPELINE)
 
@@ -189,6 +214,17 @@ class DvcRepo(dg.ConfigurableResource):
             self._dvc("add", "-q", folder)
             self._dvc("push", "-q")
             return self.version_of(folder)
+
+    def snapshot_folders(self, folders: list[str]) -> dict[str, str]:
+        """``dvc add`` several folders (relative to the home) in one command, push, and return each one's
+        version; nothing runs for an empty list."""
+        if not folders:
+            return {}
+        with self._exclusive():
+            self.ensure_repo()
+            self._dvc("add", "-q", *folders)
+            self._dvc("push", "-q")
+            return {folder: self.version_of(folder) for folder in folders}
 
     def version_of(self, folder: str) -> str:
         meta = yaml.safe_load((self.audit_home.root / f"{folder}.dvc").read_text())

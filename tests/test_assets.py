@@ -57,16 +57,21 @@ def test_definitions_load_with_the_whole_lineage(tmp_path, monkeypatch):
     defs = build_definitions(str(tmp_path))
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"vendor_delivery", "curated_dataset", "cv_models", "batch_scores", "label_issues", "vendor_scorecard"}
-    assert graph.get(dg.AssetKey("label_issues")).parent_keys == {dg.AssetKey("cv_models"), dg.AssetKey("batch_scores")}
+    assert keys == {"vendor_delivery", "curated_dataset", "hand_checks", "cv_models", "batch_scores", "label_issues",
+                    "vendor_scorecard"}
+    assert graph.get(dg.AssetKey("label_issues")).parent_keys == {dg.AssetKey("cv_models"), dg.AssetKey("batch_scores"),
+                                                                  dg.AssetKey("hand_checks")}
+    assert graph.get(dg.AssetKey("hand_checks")).parent_keys == {dg.AssetKey("curated_dataset")}
     assert graph.get(dg.AssetKey("cv_models")).parent_keys == {dg.AssetKey("curated_dataset")}
     assert graph.get(dg.AssetKey("vendor_scorecard")).parent_keys == {dg.AssetKey("label_issues")}
     assert graph.get(dg.AssetKey("curated_dataset")).parent_keys == {dg.AssetKey("vendor_delivery")}
     assert defs.resolve_schedule_def("nightly_audit").cron_schedule == "0 2 * * *"
     assert defs.resolve_sensor_def("delivery_sensor").job_name == "ingest_deliveries"
+    assert defs.resolve_sensor_def("checks_sensor").job_name == "score_vendors"
     assert {j.name for j in defs.resolve_all_job_defs()} >= {"ingest_deliveries", "score_vendors", "audit_vendors"}
     score_assets = defs.resolve_job_def("score_vendors").asset_layer.executable_asset_keys
     assert dg.AssetKey("cv_models") not in score_assets and dg.AssetKey("vendor_scorecard") in score_assets
+    assert dg.AssetKey("hand_checks") in score_assets
 
 
 def test_redelivery_under_an_ingested_batch_name_is_rejected_not_mixed(small_home):

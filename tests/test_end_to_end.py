@@ -95,7 +95,7 @@ def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home,
     instance = open_instance(audited_home)
     done = _materialized(instance, before)
     assert done.pop("vendor_delivery") == {"d.batch-002"} and done.pop("batch_scores") == {"d.batch-002"}
-    assert set(done) == {"curated_dataset", "label_issues", "vendor_scorecard"}  # no cv_models
+    assert set(done) == {"curated_dataset", "hand_checks", "label_issues", "vendor_scorecard"}  # no cv_models
     issues = pd.read_csv(audited_home / "reports" / "label_issues.csv", dtype=str)
     new = issues[issues["vendor"] == "d"]
     assert len(new) == 150 and set(new["prediction"]) == {"new delivery"}
