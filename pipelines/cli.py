@@ -510,6 +510,31 @@ def _bench(args) -> None:
     log.info("wrote %s", args.output)
 
 
+def _bench_checks(args) -> None:
+    import shlex
+    import time
+
+    from ml.bench import BenchConfig
+    from ml.bench_checks import format_checks_table, run_checks_benchmark
+    from ml.report import write_section
+
+    _console_logging("ml")
+    config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
+                         cache=args.home / "bench-cache")
+    started = time.perf_counter()
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws)
+    table = format_checks_table(summaries)
+    print(table)
+    command = "vendor-audit bench-checks " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
+    text = (f"## `{command.strip()}`\n\n"
+            f"Model outputs as in `vendor-audit bench` (K={args.folds}-fold {args.head} CNN, {args.epochs} epochs, "
+            f"cached); per seed, {args.draws} independent check plans per budget, answered from the truth. "
+            f"{(time.perf_counter() - started) / 60:.0f} min for this run.\n\n" + table)
+    write_section(args.output, "bench-checks", text)
+    log.info("wrote %s", args.output)
+
+
 def _bench_incremental(args) -> None:
     import shlex
 
@@ -584,6 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=100)
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench section is replaced (created if missing)")
+    p = add("bench-checks", "benchmark hand checks: the combined estimate per budget against uniform checks alone")
+    p.add_argument("--scenarios", default="A,B,C,D,W",
+                   help="comma-separated scenario keys of vendor-audit bench (default %(default)s)")
+    p.add_argument("--budgets", default="25,50,100,200", help="checks per vendor (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario (default %(default)s)")
+    p.add_argument("--draws", type=int, default=20, help="check plans drawn per seed and budget (default %(default)s)")
+    p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench (default %(default)s)")
+    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax",
+                   help="as in vendor-audit bench (default %(default)s)")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-checks section is replaced (created if missing)")
     p = add("bench-incremental", "time new-batch scoring against full re-runs as batches accumulate")
     p.add_argument("--checkpoints", default="1,5,20")
     p.add_argument("--per-batch", type=int, default=2000)
@@ -660,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
 
     input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
     commands = {"simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "bench": _bench,
-                "bench-incremental": _bench_incremental, "screenshots": _screenshots, "ui": _ui,
+                "bench-incremental": _bench_incremental, "bench-checks": _bench_checks, "screenshots": _screenshots, "ui": _ui,
                 "mlflow-ui": _mlflow_ui}
     try:
         status = commands[args.command](args)

@@ -4,6 +4,8 @@ import numpy as np
 
 from ml.bench import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
                       run_late_seed, run_seed, summarize, summarize_late)
+from ml.bench_checks import (format_checks_table, run_checks_seed, summarize_checks, uniform_checks_for_halfwidth,
+                             wilson_interval)
 
 
 def test_ranking_metrics():
@@ -22,6 +24,25 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     np.testing.assert_array_equal(again["estimate"], run["estimate"])
     table = format_tables([summarize(SCENARIOS["E"], [run])])
     assert "| E digits" in table and table.count("\n|") >= 6
+    # hand checks on the same cached outputs
+    checks = run_checks_seed("E", 0, config, budgets=(25, 100), draws=3)
+    assert checks[100]["rate"].shape == (3, 3) and np.all(checks[100]["low"] <= checks[100]["high"])
+    assert np.all(checks[100]["low"][:, 0] == 0)  # the perfect vendor's interval reaches 0
+    summary = summarize_checks("E", [checks], budgets=(25, 100))
+    assert [row["budget"] for row in summary["rows"]] == [25, 100]
+    assert all(0 <= row["coverage"] <= 1 and row["width"] > 0 for row in summary["rows"])
+    assert summary["rows"][1]["width"] < summary["rows"][0]["width"]  # more checks, narrower intervals
+    table = format_checks_table([summary])
+    assert "| E digits (8x8 upscaled), 3 x 550 | 100 |" in table and "| E | c (20.0) |" in table
+
+
+def test_wilson_intervals_and_uniform_checks_needed():
+    low, high = wilson_interval(np.array([0, 5]), np.array([10, 100]))
+    np.testing.assert_allclose(low, [0.0, 0.02154], atol=1e-4)
+    np.testing.assert_allclose(high, [0.27753, 0.11175], atol=1e-4)
+    # +-2 points at 95% with uniform checks alone: about 470 on a 5% vendor, 1,540 on a 20% vendor
+    assert 460 <= uniform_checks_for_halfwidth(0.05, 2000) <= 480
+    assert 1520 <= uniform_checks_for_halfwidth(0.20, 2000) <= 1560
 
 
 def test_each_benchmark_replaces_only_its_own_section(tmp_path):
