@@ -9,15 +9,15 @@ image, already checked ones included (drawn again, they cost nothing), so that r
 and an image's probability of being checked in at least one round is ``1 - prod_r (1 - pi_ir)``.
 Gold images are checked with probability 1.
 
-Estimate (prediction-powered inference, Angelopoulos et al. 2023, with the PPI++ weight ``lam``): per
-vendor of ``N`` images,
+Estimate (prediction-powered inference, Angelopoulos et al. 2023, with a fitted weight ``lam`` as in
+PPI++ and an offset ``c``): per vendor of ``N`` images,
 
-    rate = lam * mean_i f_i + (1/N) sum_{checked i} (e_i - lam f_i) / pi_i
+    rate = c + lam * mean_i f_i + (1/N) sum_{checked i} (e_i - c - lam f_i) / pi_i
 
-with ``e_i`` the checked error. The second term is a Horvitz-Thompson estimate of the model's bias,
-so the estimate is unbiased whatever the model; ``lam`` (fitted to the checks, in [0, 1]) lets a
-useless model fall back to the checks alone. Its variance is estimated by the Horvitz-Thompson
-variance of the residuals ``e_i - lam f_i`` under Poisson sampling.
+with ``e_i`` the checked error. The sum is a Horvitz-Thompson estimate of what the model-based part
+misses, so the estimate is unbiased whatever the model; ``c`` and ``lam`` (fitted to the checks,
+``lam`` in [0, 1]) let a useless model fall back to the checks alone. Its variance is estimated by the
+Horvitz-Thompson variance of the residuals ``e_i - c - lam f_i`` under Poisson sampling.
 """
 
 from __future__ import annotations
@@ -136,9 +136,11 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
     inclusion : (N,) probability that each image was checked (combined over plans; 1 for gold).
     group : (N,) int group index.
 
+    The estimate is ``offset + lam mean(f)`` plus the Horvitz-Thompson sum of the checked residuals
+    ``e - offset - lam f``; ``offset`` and ``lam`` are fitted to the checks (:func:`_fit_control`).
     The interval is normal, ``rate +- z se``. The standard error is the larger of two estimates: the
     Horvitz-Thompson variance of the checked residuals, and the variance the design implies over all
-    the group's images if each image's error probability were ``lam f + (1 - lam) rate``. The first
+    the group's images if each image's error probability were ``offset + lam f``. The first
     alone under-covers when errors are rare, since an error where the model saw none has a large
     weight and is seldom drawn (measured: 84% coverage at 200 checks on a 5% vendor). While fewer than
     ``MIN_ERRORS_FOR_NORMAL`` errors have been found the interval also contains the exact checks-only
@@ -159,13 +161,13 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
         sample = members[checked[members]]
         pi, fs, es = np.asarray(inclusion, float)[sample], f[sample], e[sample].astype(float)
         spread = (1 - pi) / pi ** 2  # Horvitz-Thompson variance weight of each checked image
-        denominator = (spread * fs ** 2).sum()
-        lam = float(np.clip((spread * es * fs).sum() / denominator, 0, 1)) if denominator > 0 else 0.0
-        rate = lam * f[members].mean() + ((es - lam * fs) / pi).sum() / n_images
-        sampled_se = np.sqrt((spread * (es - lam * fs) ** 2).sum()) / n_images
-        se = max(sampled_se, _design_se(f[members], np.asarray(inclusion, float)[members], lam, rate))
-        # checks alone: Horvitz-Thompson rate, exact interval at the effective number of checks
-        checks_rate = (es / pi).sum() / n_images if len(sample) else np.nan
+        offset, lam = _fit_control(es, fs, spread)
+        residual = es - offset - lam * fs
+        rate = offset + lam * f[members].mean() + (residual / pi).sum() / n_images
+        sampled_se = np.sqrt((spread * residual ** 2).sum()) / n_images
+        se = max(sampled_se, _design_se(f[members], np.asarray(inclusion, float)[members], offset, lam))
+        # checks alone: the weighted share of errors, exact interval at the effective number of checks
+        checks_rate = (es / pi).sum() / (1 / pi).sum() if len(sample) else np.nan
         n_effective = (1 / pi).sum() ** 2 / (1 / pi ** 2).sum() if len(sample) else 0.0
         checks_low, checks_high = exact_interval(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
                                                  * n_effective, np.array([n_effective]), level)
@@ -183,12 +185,28 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
     return CheckedRates(**out)
 
 
-def _design_se(f: np.ndarray, pi: np.ndarray, lam: float, rate: float) -> float:
+def _fit_control(e: np.ndarray, f: np.ndarray, spread: np.ndarray) -> tuple[float, float]:
+    """``(offset, lam)`` minimising the estimated variance ``sum spread (e - offset - lam f)^2`` over the
+    checked images (n,), with ``lam`` in [0, 1]. The offset uses the one auxiliary figure known exactly
+    (every image counts 1): without it the Horvitz-Thompson sum of a Poisson sample carries the
+    randomness of its size, and a useless model's interval is wider than the checks' own (the variance
+    of the error indicator about 0 is ``rate``, about its mean ``rate (1 - rate)``)."""
+    total = spread.sum()
+    if total <= 0:  # every checked image was certain to be checked: the estimate is exact
+        return 0.0, 0.0
+    e_mean, f_mean = (spread * e).sum() / total, (spread * f).sum() / total
+    f_variance = (spread * (f - f_mean) ** 2).sum()
+    lam = float(np.clip((spread * (e - e_mean) * (f - f_mean)).sum() / f_variance, 0, 1)) if f_variance > 0 else 0.0
+    return float(e_mean - lam * f_mean), lam
+
+
+def _design_se(f: np.ndarray, pi: np.ndarray, offset: float, lam: float) -> float:
     """Standard error (scalar) of one group's estimate implied by the design: inclusion probabilities
-    ``pi`` (N,) and error probabilities ``lam f + (1 - lam) rate`` (N,). Images never drawn (pi 0)
-    cannot be in the sample and add nothing."""
-    q = np.clip(lam * f + (1 - lam) * np.clip(rate, 0, 1), 0, 1)
-    residual_variance = q * (1 - q) + (q - lam * f) ** 2
+    ``pi`` (N,) and error probabilities ``offset + lam f`` (N,, clipped to [0, 1]), the fitted
+    relation between the model and the checks. Images never drawn (pi 0) cannot be in the sample and
+    add nothing."""
+    q = np.clip(offset + lam * f, 0, 1)
+    residual_variance = q * (1 - q) + (q - offset - lam * f) ** 2
     drawn = pi > 0
     return float(np.sqrt(((1 - pi[drawn]) / pi[drawn] * residual_variance[drawn]).sum()) / len(f))
 
