@@ -32,7 +32,7 @@ import pandas as pd
 
 from ml.check_sampling import (
     LEVEL, MIN_ERRORS_FOR_NORMAL, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
-    exact_interval, expected_halfwidth, inclusion_probabilities,
+    expected_interval, inclusion_probabilities,
 )
 from ml.checks import LABEL_SEPARATOR, gold_checks, label_in_set
 from ml.delivery import DeliveryError, read_csv_columns
@@ -221,7 +221,7 @@ def draw_check_plan(issues: pd.DataFrame, answered: set[str], gold: set[str], pl
     if budget is not None:
         budgets = np.full(len(vendors), float(budget))
     else:
-        budgets = np.array([checks_for_interval(f[group == g], known[group == g], halfwidth, rate_of(g))
+        budgets = np.array([checks_for_halfwidth(f[group == g], known[group == g], halfwidth, rate_of(g))
                             for g in range(len(vendors))], float)
     number = plans[-1].number + 1 if plans else 1
     pi = inclusion_probabilities(f, group, budgets)
@@ -247,52 +247,6 @@ def draw_check_plan(issues: pd.DataFrame, answered: set[str], gold: set[str], pl
                      "from_earlier_plans": int((listed & members & drawn_before).sum()),
                      "error_rate": round(float(rate), 4), "expected_low": round(low, 4), "expected_high": round(high, 4)})
     return CheckPlan(number, plan, to_check, pd.DataFrame(rows, columns=PLAN_SUMMARY_COLUMNS))
-
-
-def expected_interval(f: np.ndarray, inclusion: np.ndarray, rate: float) -> tuple[float, float]:
-    """The 95% interval one vendor's combined estimate is expected to have around ``rate`` once its
-    images (N,) are checked with probabilities ``inclusion`` (N,), ``f`` (N,) the model's probabilities
-    of error; (nan, nan) while some image has probability 0.
-
-    :func:`ml.check_sampling.expected_halfwidth` takes the model at its word: where it expects fewer
-    than MIN_ERRORS_FOR_NORMAL errors among the checks, the estimate's interval will contain the exact
-    checks-only one, so this one does too (at the design's effective number of checks, N^2 / sum(1/pi),
-    and ``rate`` of them wrong): a vendor the model calls perfect is not promised a zero-width interval.
-    """
-    half = expected_halfwidth(f, inclusion)
-    if not math.isfinite(half):
-        return float("nan"), float("nan")
-    low, high = rate - half, rate + half
-    if (inclusion * f).sum() < MIN_ERRORS_FOR_NORMAL:
-        n_effective = len(f) ** 2 / (1 / inclusion).sum()
-        exact_low, exact_high = exact_interval(np.array([rate * n_effective]), np.array([n_effective]))
-        low, high = min(low, float(exact_low[0])), max(high, float(exact_high[0]))
-    return max(0.0, low), min(1.0, high)
-
-
-def checks_for_interval(f: np.ndarray, earlier: np.ndarray, target: float, rate: float) -> int:
-    """The checks one more plan over these images (N,) needs for an expected 95% half-width (half the
-    width of :func:`expected_interval`) of at most ``target``; ``earlier`` (N,): each image's probability
-    of having been checked so far. :func:`ml.check_sampling.checks_for_halfwidth` counts the model's
-    expected variance only; this also counts the exact checks-only interval that holds while few errors
-    are expected among the checks, so a vendor the model calls perfect is not promised +-H from none."""
-    single = np.zeros(len(f), np.int64)
-
-    def halfwidth(budget: int) -> float:
-        plan = inclusion_probabilities(f, single, np.array([budget])) if budget else np.zeros(len(f))
-        low, high = expected_interval(f, combined_inclusion([earlier, plan]), rate)
-        return (high - low) / 2 if math.isfinite(low) else float("inf")
-
-    if halfwidth(0) <= target:
-        return 0
-    low, high = max(1, checks_for_halfwidth(f, earlier, target)), len(f)
-    while low < high:  # bisection: the expected interval narrows as the budget grows
-        middle = (low + high) // 2
-        if halfwidth(middle) <= target:
-            high = middle
-        else:
-            low = middle + 1
-    return int(low)
 
 
 def check_plan_markdown(check_plan: CheckPlan, images: dict[str, np.ndarray]) -> tuple[str, dict[str, bytes]]:
@@ -486,7 +440,7 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
         n_checked = int(rates.n_checked[g])
         combined = n_checked > 0 and outside == 0
         low, high = (rates.low[g], rates.high[g]) if combined else (model_low[g], model_high[g])
-        to_halve = _checks_to_halve(f[members], inclusion[members], (high - low) / 2,
+        to_halve = _checks_to_halve(f[members], inclusion[members], (high - low) / 2, rates.rate[g],
                                     n_checked if combined else 0, int(rates.checked_errors[g]))
         n_gold = int((members & gold).sum())
         rows.append({
@@ -508,7 +462,7 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
     return pd.DataFrame(rows, columns=VENDOR_CHECK_COLUMNS)
 
 
-def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, n_checked: int,
+def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, rate: float, n_checked: int,
                      errors_found: int) -> int:
     """Further checks (one more plan over these images (N,)) expected to halve ``halfwidth``.
 
@@ -517,7 +471,7 @@ def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, n_c
     interval halves with about twice the checks, so at least as many again are asked for."""
     if not halfwidth > 0:
         return 0
-    needed = checks_for_halfwidth(f, inclusion, halfwidth / 2, level=LEVEL)
+    needed = checks_for_halfwidth(f, inclusion, halfwidth / 2, rate, level=LEVEL)
     if n_checked and errors_found < MIN_ERRORS_FOR_NORMAL:
         needed = max(needed, n_checked)
     return int(min(needed, len(f)))

@@ -223,19 +223,43 @@ def expected_halfwidth(model_error: np.ndarray, inclusion: np.ndarray, level: fl
     return float(norm.ppf(1 - (1 - level) / 2) * np.sqrt(variance))
 
 
-def checks_for_halfwidth(model_error: np.ndarray, earlier: np.ndarray, target: float,
+def expected_interval(model_error: np.ndarray, inclusion: np.ndarray, rate: float,
+                      level: float = LEVEL) -> tuple[float, float]:
+    """The interval (low, high) one group's estimate is expected to have around ``rate`` with inclusion
+    probabilities ``inclusion`` (N,): :func:`expected_halfwidth`, and, where the model expects fewer
+    than MIN_ERRORS_FOR_NORMAL errors among the checks, the exact checks-only interval that the estimate
+    will then contain (at the design's effective number of checks ``N^2 / sum(1/pi)``, ``rate`` of them
+    wrong), so that a group the model calls perfect is not promised a zero-width interval.
+    (nan, nan) while some image has probability 0."""
+    f = np.clip(np.asarray(model_error, float), 0, 1)
+    pi = np.asarray(inclusion, float)
+    half = expected_halfwidth(f, pi, level)
+    if not np.isfinite(half):
+        return float("nan"), float("nan")
+    low, high = rate - half, rate + half
+    if (pi * f).sum() < MIN_ERRORS_FOR_NORMAL:
+        n_effective = len(f) ** 2 / (1 / pi).sum()
+        exact_low, exact_high = exact_interval(np.array([rate * n_effective]), np.array([n_effective]), level)
+        low, high = min(low, float(exact_low[0])), max(high, float(exact_high[0]))
+    return max(0.0, low), min(1.0, high)
+
+
+def checks_for_halfwidth(model_error: np.ndarray, earlier: np.ndarray, target: float, rate: float,
                          uniform_share: float = UNIFORM_SHARE, level: float = LEVEL) -> int:
     """The smallest number of further checks (one more plan over these N images) whose expected
-    half-width is at most ``target``; ``earlier`` (N,) is each image's inclusion probability so far.
-    Returns N when even checking every image would not do (the half-width is then 0 anyway)."""
+    interval (:func:`expected_interval` around ``rate``) has a half-width of at most ``target``;
+    ``earlier`` (N,) is each image's inclusion probability so far. Returns N when even checking every
+    image would not do (the half-width is then 0 anyway)."""
     n_images = len(model_error)
     single = np.zeros(n_images, np.int64)
 
     def halfwidth(budget: int) -> float:
-        plan = inclusion_probabilities(model_error, single, np.array([budget]), uniform_share)
-        return expected_halfwidth(model_error, combined_inclusion([earlier, plan]), level)
+        plan = inclusion_probabilities(model_error, single, np.array([budget]), uniform_share) if budget \
+            else np.zeros(n_images)
+        low, high = expected_interval(model_error, combined_inclusion([earlier, plan]), rate, level)
+        return (high - low) / 2 if np.isfinite(low) else float("inf")
 
-    if expected_halfwidth(model_error, earlier, level) <= target:
+    if halfwidth(0) <= target:
         return 0
     low, high = 1, n_images
     while low < high:  # bisection: the half-width falls as the budget grows

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ml.check_sampling import (UNIFORM_SHARE, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
-                               expected_halfwidth, inclusion_probabilities)
+                               expected_halfwidth, expected_interval, inclusion_probabilities)
 from ml.estimate import fit_noise_model
 from test_estimate import synthetic
 
@@ -79,8 +79,13 @@ def test_more_checks_are_needed_for_a_narrower_interval(vendors):
     p_error, _, vendor, _, _ = vendors
     f = p_error[vendor == 1]
     none_yet = np.zeros(len(f))
-    wide, narrow = checks_for_halfwidth(f, none_yet, 0.04), checks_for_halfwidth(f, none_yet, 0.02)
+    wide, narrow = checks_for_halfwidth(f, none_yet, 0.04, 0.05), checks_for_halfwidth(f, none_yet, 0.02, 0.05)
     assert 0 < wide < narrow <= len(f)
     pi = inclusion_probabilities(f, np.zeros(len(f), int), np.array([narrow]))
-    assert expected_halfwidth(f, pi) <= 0.02
-    assert checks_for_halfwidth(f, pi, 0.02) == 0  # already planned
+    low, high = expected_interval(f, pi, 0.05)
+    assert expected_halfwidth(f, pi) <= (high - low) / 2 <= 0.02
+    assert checks_for_halfwidth(f, pi, 0.02, 0.05) == 0  # already planned
+    # a vendor the model calls perfect is not promised a narrow interval from a few checks
+    sure = np.full(len(f), 0.001)
+    few = inclusion_probabilities(sure, np.zeros(len(f), int), np.array([30]))
+    assert expected_interval(sure, few, 0.0)[1] > 0.05
