@@ -464,14 +464,19 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
 
 def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, rate: float, n_checked: int,
                      errors_found: int) -> int:
-    """Further checks (one more plan over these images (N,)) expected to halve ``halfwidth``.
+    """Further checks (one more plan over these images (N,)) expected to halve the interval.
 
-    While fewer than MIN_ERRORS_FOR_NORMAL errors are found, the interval is held at the exact
-    checks-only one, which the model's expected variance does not see; with few or no errors that
-    interval halves with about twice the checks, so at least as many again are asked for."""
+    Halving is measured on the interval expected from the model (:func:`expected_interval`, the same
+    yardstick before and after): the realised ``halfwidth`` also reflects how calibrated the model is,
+    and against it the expectation would promise too much (it can even read 0 more checks). Images in
+    no plan yet (probability 0) leave only the realised half-width to halve. While fewer than
+    MIN_ERRORS_FOR_NORMAL errors are found, the interval is held at the exact checks-only one, which
+    halves with about twice the checks, so at least as many again are asked for."""
     if not halfwidth > 0:
         return 0
-    needed = checks_for_halfwidth(f, inclusion, halfwidth / 2, rate, level=LEVEL)
+    low, high = expected_interval(f, inclusion, rate)
+    now = (high - low) / 2 if math.isfinite(low) else halfwidth
+    needed = checks_for_halfwidth(f, inclusion, now / 2, rate, level=LEVEL)
     if n_checked and errors_found < MIN_ERRORS_FOR_NORMAL:
         needed = max(needed, n_checked)
     return int(min(needed, len(f)))
