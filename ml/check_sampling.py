@@ -149,7 +149,8 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
     weight and is seldom drawn (measured: 84% coverage at 200 checks on a 5% vendor). While fewer than
     ``MIN_ERRORS_FOR_NORMAL`` errors have been found the interval also contains the exact checks-only
     interval: the normal approximation has too few errors to stand on; with fewer than
-    ``MIN_CHECKS_FOR_NORMAL`` checks its upper bound is at least the checks-only one.
+    ``MIN_CHECKS_FOR_NORMAL`` checks planned (the sum of the group's inclusion probabilities) its
+    upper bound is at least the checks-only one.
     """
     f = np.clip(np.asarray(model_error, float), 0, 1)
     checked = np.asarray(checked, bool) & (np.asarray(inclusion, float) > 0)
@@ -179,8 +180,8 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
         low, high = rate - z * se, rate + z * se
         if es.sum() < MIN_ERRORS_FOR_NORMAL:
             low, high = min(low, float(checks_low[0])), max(high, float(checks_high[0]))
-        elif len(sample) < MIN_CHECKS_FOR_NORMAL:
-            high = max(high, float(checks_high[0]))
+        elif round(float(np.asarray(inclusion, float)[members].sum()), 6) < MIN_CHECKS_FOR_NORMAL:
+            high = max(high, float(checks_high[0]))  # planned checks (the design's size, not this draw's)
         out["rate"][g] = np.clip(rate, 0, 1)
         out["low"][g] = np.clip(low, 0, 1)
         out["high"][g] = np.clip(high, 0, 1)
@@ -249,7 +250,7 @@ def expected_interval(model_error: np.ndarray, inclusion: np.ndarray, rate: floa
     exact_low, exact_high = exact_interval(np.array([rate * n_effective]), np.array([n_effective]), level)
     if (pi * f).sum() < MIN_ERRORS_FOR_NORMAL:
         low, high = min(low, float(exact_low[0])), max(high, float(exact_high[0]))
-    elif pi.sum() < MIN_CHECKS_FOR_NORMAL:
+    elif round(float(pi.sum()), 6) < MIN_CHECKS_FOR_NORMAL:  # a budget of exactly 100 is not under 100
         high = max(high, float(exact_high[0]))
     return max(0.0, low), min(1.0, high)
 
