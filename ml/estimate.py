@@ -190,7 +190,7 @@ def exact_binomial_interval(rate: np.ndarray, n: np.ndarray, level: float = 0.95
 
 
 def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
-                         counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 6,
+                         counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 3,
                          seed: int = 0, draw_keys: np.ndarray | None = None,
                          trained: np.ndarray | None = None) -> np.ndarray:
     """(V,) mean counted probability of error the estimator gives labels known to be wrong.

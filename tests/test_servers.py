@@ -57,11 +57,13 @@ def test_dagster_webserver_shows_lineage_partitions_sensor_and_schedule(audited_
         parents = {name: {"/".join(d["path"]) for d in n["dependencyKeys"]} for name, n in nodes.items()}
         assert parents["curated_dataset"] == {"vendor_delivery"}
         assert parents["cv_models"] == {"curated_dataset"}
-        assert parents["label_issues"] == {"cv_models", "batch_scores"}
+        assert parents["hand_checks"] == {"curated_dataset"}
+        assert parents["label_issues"] == {"cv_models", "batch_scores", "hand_checks"}
         assert parents["vendor_scorecard"] == {"label_issues"}
         assert {"a.batch-001", "b.batch-001", "c.batch-001"} <= set(nodes["vendor_delivery"]["partitionKeys"])
         repository = data["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]["repositories"][0]
-        assert {s["name"] for s in repository["sensors"]} == {"delivery_sensor", "scorecard_refresh_sensor"}
+        assert {s["name"] for s in repository["sensors"]} == {"delivery_sensor", "scorecard_refresh_sensor",
+                                                              "checks_sensor"}
         assert repository["schedules"] == [{"name": "nightly_audit", "cronSchedule": "0 2 * * *"}]
     assert server.poll() is not None
 
