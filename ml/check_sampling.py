@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import beta, norm
+from scipy.stats import norm
 
-from ml.estimate import keyed_uniform
+from ml.estimate import clopper_pearson, keyed_uniform
 
 UNIFORM_SHARE = 0.5  # share of each vendor's checks spread evenly: every image gets at least half the uniform probability
 LEVEL = 0.95
@@ -99,18 +99,6 @@ def combined_inclusion(rounds: list[np.ndarray]) -> np.ndarray:
     return 1 - missed
 
 
-def exact_interval(errors: np.ndarray, n: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
-    """Clopper-Pearson interval (G,) for ``errors`` among ``n`` checks (both may be fractional)."""
-    n = np.asarray(n, float)
-    k = np.clip(np.asarray(errors, float), 0, n)
-    tail = (1 - level) / 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        low = np.where(k > 0, beta.ppf(tail, np.maximum(k, 1e-9), n - k + 1), 0.0)
-        high = np.where(k < n, beta.ppf(1 - tail, k + 1, np.maximum(n - k, 1e-9)), 1.0)
-    empty = n <= 0
-    return np.where(empty, 0.0, low), np.where(empty, 1.0, high)
-
-
 @dataclass
 class CheckedRates:
     """Per group (G,): the combined estimate and its interval (``rate, low, high``); the checks alone
@@ -175,8 +163,8 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
         # checks alone: the weighted share of errors, exact interval at the effective number of checks
         checks_rate = (es / pi).sum() / (1 / pi).sum() if len(sample) else np.nan
         n_effective = (1 / pi).sum() ** 2 / (1 / pi ** 2).sum() if len(sample) else 0.0
-        checks_low, checks_high = exact_interval(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
-                                                 * n_effective, np.array([n_effective]), level)
+        checks_low, checks_high = clopper_pearson(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
+                                                  * n_effective, np.array([n_effective]), level)
         low, high = rate - z * se, rate + z * se
         if es.sum() < MIN_ERRORS_FOR_NORMAL:
             low, high = min(low, float(checks_low[0])), max(high, float(checks_high[0]))
@@ -247,7 +235,7 @@ def expected_interval(model_error: np.ndarray, inclusion: np.ndarray, rate: floa
         return float("nan"), float("nan")
     low, high = rate - half, rate + half
     n_effective = len(f) ** 2 / (1 / pi).sum()
-    exact_low, exact_high = exact_interval(np.array([rate * n_effective]), np.array([n_effective]), level)
+    exact_low, exact_high = clopper_pearson(np.array([rate * n_effective]), np.array([n_effective]), level)
     if (pi * f).sum() < MIN_ERRORS_FOR_NORMAL:
         low, high = min(low, float(exact_low[0])), max(high, float(exact_high[0]))
     elif round(float(pi.sum()), 6) < MIN_CHECKS_FOR_NORMAL:  # a budget of exactly 100 is not under 100

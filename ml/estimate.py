@@ -173,20 +173,29 @@ def _all_counted(clean_prior: np.ndarray, labels: np.ndarray, p_error: np.ndarra
     return np.ones(len(labels), bool)
 
 
+def clopper_pearson(errors: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (Clopper-Pearson) interval, same shape as ``n``, for ``errors`` among ``n`` (both may be
+    fractional); (0, 1) where ``n`` is 0."""
+    from scipy.stats import beta
+
+    n = np.asarray(n, float)
+    k = np.clip(np.asarray(errors, float), 0, n)
+    tail = (1 - level) / 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        low = np.where(k > 0, beta.ppf(tail, np.maximum(k, 1e-9), n - k + 1), 0.0)
+        high = np.where(k < n, beta.ppf(1 - tail, k + 1, np.maximum(n - k, 1e-9)), 1.0)
+    empty = n <= 0
+    return np.where(empty, 0.0, low), np.where(empty, 1.0, high)
+
+
 def exact_binomial_interval(rate: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Clopper-Pearson interval (V,) for ``rate * n`` errors among ``n`` images (counts may be fractional).
+    """Clopper-Pearson interval (V,) for ``rate * n`` errors among ``n`` images (at least 1).
 
     It is what the rate would be known to within if every error had been seen, so no estimate from
     ``n`` images is surer than it: a floor on the width of every interval.
     """
-    from scipy.stats import beta
-
     n = np.maximum(np.asarray(n, float), 1.0)
-    k = np.clip(np.asarray(rate, float), 0, 1) * n
-    tail = (1 - level) / 2
-    low = np.where(k > 0, beta.ppf(tail, np.maximum(k, 1e-9), n - k + 1), 0.0)
-    high = np.where(k < n, beta.ppf(1 - tail, k + 1, np.maximum(n - k, 1e-9)), 1.0)
-    return low, high
+    return clopper_pearson(np.clip(np.asarray(rate, float), 0, 1) * n, n, level)
 
 
 def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,

@@ -486,8 +486,21 @@ def _without_paths(argv: list[str]) -> list[str]:
     return kept
 
 
-def _bench(args) -> None:
+def _bench_command(name: str) -> str:
+    """The benchmark command as run, without machine-specific paths, for the heading of its section."""
     import shlex
+
+    return (f"vendor-audit {name} " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))).strip()
+
+
+def _write_bench_section(output: Path, name: str, text: str) -> None:
+    from ml.report import write_section
+
+    write_section(output, name, text)
+    log.info("wrote %s", output)
+
+
+def _bench(args) -> None:
     import time
 
     from ml.bench import BenchConfig, format_late_table, format_tables, run_benchmark
@@ -499,24 +512,18 @@ def _bench(args) -> None:
     summaries, late = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
     tables = (format_tables(summaries) if summaries else "") + "\n".join(format_late_table(s) for s in late)
     print(tables)
-    command = "vendor-audit bench " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
-    text = (f"## `{command.strip()}`\n\n"
+    text = (f"## `{_bench_command('bench')}`\n\n"
             f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU; "
             f"{(time.perf_counter() - started) / 60:.0f} min for this run. Each cell: ours \\| cleanlab's defaults "
             f"on the same out-of-fold probabilities.\n\n" + tables)
-    from ml.report import write_section
-
-    write_section(args.output, "bench", text)
-    log.info("wrote %s", args.output)
+    _write_bench_section(args.output, "bench", text)
 
 
 def _bench_checks(args) -> None:
-    import shlex
     import time
 
     from ml.bench import BenchConfig
     from ml.bench_checks import format_checks_table, run_checks_benchmark
-    from ml.report import write_section
 
     _console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
@@ -526,29 +533,23 @@ def _bench_checks(args) -> None:
     summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws)
     table = format_checks_table(summaries)
     print(table)
-    command = "vendor-audit bench-checks " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
-    text = (f"## `{command.strip()}`\n\n"
+    text = (f"## `{_bench_command('bench-checks')}`\n\n"
             f"Model outputs as in `vendor-audit bench` (K={args.folds}-fold {args.head} CNN, {args.epochs} epochs, "
             f"cached); per seed, {args.draws} independent check plans per budget, answered from the truth. "
             f"{(time.perf_counter() - started) / 60:.0f} min for this run.\n\n" + table)
-    write_section(args.output, "bench-checks", text)
-    log.info("wrote %s", args.output)
+    _write_bench_section(args.output, "bench-checks", text)
 
 
 def _bench_incremental(args) -> None:
-    import shlex
-
-    from ml.report import write_section
     from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
 
     overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
     rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
                                      args.full_up_to, overrides, run_audit)
-    command = "vendor-audit bench-incremental " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))
-    text = format_incremental(rows, command.strip(), f"{args.per_batch} images a batch, "
+    text = format_incremental(rows, _bench_command("bench-incremental"), f"{args.per_batch} images a batch, "
                               f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
     print(text)
-    write_section(args.output, "bench-incremental", text)
+    _write_bench_section(args.output, "bench-incremental", text)
 
 
 def _screenshots(args) -> None:
