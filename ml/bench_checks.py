@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy.stats import norm
 
 from ml.bench import SCENARIOS, BenchConfig, _model_outputs
 from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabilities
 from ml.datasets import load_dataset
-from ml.estimate import fit_noise_model
+from ml.estimate import fit_noise_model, wilson_interval
 from ml.issues import counted_as_error
 from ml.simulate import simulate_labels
 
@@ -20,18 +19,6 @@ log = logging.getLogger(__name__)
 BUDGETS = (25, 50, 100, 200)
 SEARCH = (25, 50, 75, 100, 150, 200, 300, 400, 600, 800, 1000, 1500, 2000)  # budgets tried for +-2 points
 TARGET_HALFWIDTH = 0.02
-
-
-def wilson_interval(errors: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval (same shape as ``errors``) for ``errors`` among ``n`` uniform checks."""
-    z = norm.ppf(1 - (1 - level) / 2)
-    n = np.maximum(np.asarray(n, float), 1e-12)
-    p = np.asarray(errors, float) / n
-    centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
-    half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / (1 + z ** 2 / n)
-    errors = np.asarray(errors, float)
-    # at 0 (or n) errors the bound is exactly 0 (or 1); rounding would leave it a hair inside
-    return np.where(errors <= 0, 0.0, np.clip(centre - half, 0, 1)), np.where(errors >= n, 1.0, np.clip(centre + half, 0, 1))
 
 
 def uniform_checks_for_halfwidth(rate: float, per_vendor: int, target: float = TARGET_HALFWIDTH) -> int:

@@ -414,7 +414,7 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
     ``n_checked`` / ``checked_errors``: checks that are part of the design (drawn by a plan, or gold)
     and the errors among them. ``combined`` is True when the vendor has such checks and every one of its
     images is in some plan (or gold); then ``combined_*`` is the estimate of
-    :func:`ml.check_sampling.checked_error_rates` and ``checks_error_rate*`` the checks alone (exact
+    :func:`ml.check_sampling.checked_error_rates` and ``checks_error_rate*`` the checks alone (Wilson
     interval); otherwise those are NaN. ``unplanned_checks``: answers for images no plan drew (verdict
     only, not in the rate); ``awaiting_answers``: drawn, not answered; ``outside_plans``: images in no
     plan and not gold; ``checks_to_halve``: further checks expected to halve the current interval.
@@ -470,7 +470,7 @@ def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, rat
     yardstick before and after): the realised ``halfwidth`` also reflects how calibrated the model is,
     and against it the expectation would promise too much (it can even read 0 more checks). Images in
     no plan yet (probability 0) leave only the realised half-width to halve. While fewer than
-    MIN_ERRORS_FOR_NORMAL errors are found, the interval is held at the exact checks-only one, which
+    MIN_ERRORS_FOR_NORMAL errors are found, the interval is held at the checks-only one, which
     halves with about twice the checks, so at least as many again are asked for."""
     if not halfwidth > 0:
         return 0

@@ -27,15 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from ml.estimate import clopper_pearson, keyed_uniform
+from ml.estimate import keyed_uniform, wilson_interval
 
 UNIFORM_SHARE = 0.5  # share of each vendor's checks spread evenly: every image gets at least half the uniform probability
 LEVEL = 0.95
-# below this many errors found the residual variance is estimated from too few errors to trust the
-# normal interval, and the exact checks-only interval bounds it (docs/method.md: measured in the bench)
+# below this many effective errors found (Kish, by weight) the residual variance rests on too few
+# errors to trust, and the checks-only interval bounds it (docs/method.md: measured in the bench)
 MIN_ERRORS_FOR_NORMAL = 5
 # under this many checks a vendor's errors that the model does not see (a weight 1/pi each) are
-# mostly missed, the estimate's distribution is skewed low, and the exact checks-only upper bound
+# mostly missed, the estimate's distribution is skewed low, and the checks-only upper bound
 # holds the interval up (measured: 81% coverage on a 25% pair-swapping vendor at 50 checks without it)
 MIN_CHECKS_FOR_NORMAL = 100
 
@@ -59,9 +59,12 @@ def inclusion_probabilities(p_error: np.ndarray, group: np.ndarray, budget: np.n
         members = np.flatnonzero(group == g)
         if not len(members) or n <= 0:
             continue
+        # a plan under MIN_CHECKS_FOR_NORMAL is held to the checks-only bound, which uneven
+        # probabilities only widen (fewer effective checks): there the checks are spread evenly
+        spread_evenly = uniform_share if n >= MIN_CHECKS_FOR_NORMAL else 1.0
         n = min(n, len(members))
         u = uncertainty[members]
-        share = uniform_share / len(members) + (1 - uniform_share) * u / u.sum()  # sums to 1
+        share = spread_evenly / len(members) + (1 - spread_evenly) * u / u.sum()  # sums to 1
         pi[members] = _capped(share, n)
     return pi
 
@@ -102,7 +105,7 @@ def combined_inclusion(rounds: list[np.ndarray]) -> np.ndarray:
 @dataclass
 class CheckedRates:
     """Per group (G,): the combined estimate and its interval (``rate, low, high``); the checks alone
-    (``checks_rate, checks_low, checks_high``, exact); ``n_checked`` (checks that are part of the design,
+    (``checks_rate, checks_low, checks_high``, Wilson); ``n_checked`` (checks that are part of the design,
     gold included), ``checked_errors`` (errors among them), ``weight`` (the PPI++ ``lam``)."""
 
     rate: np.ndarray
@@ -134,9 +137,10 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
     Horvitz-Thompson variance of the checked residuals, and the variance the design implies over all
     the group's images if each image's error probability were ``offset + lam f``. The first
     alone under-covers when errors are rare, since an error where the model saw none has a large
-    weight and is seldom drawn (measured: 84% coverage at 200 checks on a 5% vendor). While fewer than
-    ``MIN_ERRORS_FOR_NORMAL`` errors have been found the interval also contains the exact checks-only
-    interval: the normal approximation has too few errors to stand on; with fewer than
+    weight and is seldom drawn
+    (measured: 84% coverage at 200 checks on a 5% vendor). While the errors found amount to fewer than
+    ``MIN_ERRORS_FOR_NORMAL`` effective errors (Kish, by their weights ``1/pi``) the interval also
+    contains the checks-only Wilson interval: too few errors to stand on; with fewer than
     ``MIN_CHECKS_FOR_NORMAL`` checks planned (the sum of the group's inclusion probabilities) its
     upper bound is at least the checks-only one.
     """
@@ -160,13 +164,15 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
         rate = offset + lam * f[members].mean() + (residual / pi).sum() / n_images
         sampled_se = np.sqrt((spread * residual ** 2).sum()) / n_images
         se = max(sampled_se, _design_se(f[members], np.asarray(inclusion, float)[members], offset, lam))
-        # checks alone: the weighted share of errors, exact interval at the effective number of checks
+        # checks alone: the weighted share of errors, Wilson interval at the effective number of checks
         checks_rate = (es / pi).sum() / (1 / pi).sum() if len(sample) else np.nan
         n_effective = (1 / pi).sum() ** 2 / (1 / pi ** 2).sum() if len(sample) else 0.0
-        checks_low, checks_high = clopper_pearson(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
+        checks_low, checks_high = wilson_interval(np.array([0.0 if np.isnan(checks_rate) else checks_rate])
                                                   * n_effective, np.array([n_effective]), level)
-        low, high = rate - z * se, rate + z * se
-        if es.sum() < MIN_ERRORS_FOR_NORMAL:
+        low, high = _wilson_at_effective_n(rate, se, level)
+        weighted = es / pi  # errors count by their weight: a few heavy ones are little evidence
+        effective_errors = weighted.sum() ** 2 / (weighted ** 2).sum() if es.any() else 0.0
+        if effective_errors < MIN_ERRORS_FOR_NORMAL:
             low, high = min(low, float(checks_low[0])), max(high, float(checks_high[0]))
         elif round(float(np.asarray(inclusion, float)[members].sum()), 6) < MIN_CHECKS_FOR_NORMAL:
             high = max(high, float(checks_high[0]))  # planned checks (the design's size, not this draw's)
@@ -179,6 +185,20 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
         out["checked_errors"][g] = es.sum()
         out["weight"][g] = lam
     return CheckedRates(**out)
+
+
+def _wilson_at_effective_n(rate: float, se: float, level: float) -> tuple[float, float]:
+    """The Wilson interval of ``rate`` at the number of checks ``rate (1 - rate) / se^2`` that would
+    give its standard error ``se`` (the design effect, as Korn and Graubard do with exact intervals
+    for survey samples): about ``rate +- z se`` when many errors are seen, but skewed away from 0
+    when few are, where the symmetric interval would reach too low. Normal where ``rate`` is at or
+    outside 0 and 1, or ``se`` is 0."""
+    if se > 0 and 0 < rate < 1:
+        n_effective = rate * (1 - rate) / se ** 2
+        low, high = wilson_interval(np.array([rate * n_effective]), np.array([n_effective]), level)
+        return float(low[0]), float(high[0])
+    z = norm.ppf(1 - (1 - level) / 2)
+    return rate - z * se, rate + z * se
 
 
 def _fit_control(e: np.ndarray, f: np.ndarray, spread: np.ndarray) -> tuple[float, float]:
@@ -223,7 +243,7 @@ def expected_interval(model_error: np.ndarray, inclusion: np.ndarray, rate: floa
                       level: float = LEVEL) -> tuple[float, float]:
     """The interval (low, high) one group's estimate is expected to have around ``rate`` with inclusion
     probabilities ``inclusion`` (N,): :func:`expected_halfwidth`, and, where the model expects fewer
-    than MIN_ERRORS_FOR_NORMAL errors among the checks, the exact checks-only interval that the estimate
+    than MIN_ERRORS_FOR_NORMAL errors among the checks, the checks-only interval that the estimate
     will then contain (at the design's effective number of checks ``N^2 / sum(1/pi)``, ``rate`` of them
     wrong), so that a group the model calls perfect is not promised a zero-width interval; under
     MIN_CHECKS_FOR_NORMAL expected checks, that interval's upper bound.
@@ -235,11 +255,11 @@ def expected_interval(model_error: np.ndarray, inclusion: np.ndarray, rate: floa
         return float("nan"), float("nan")
     low, high = rate - half, rate + half
     n_effective = len(f) ** 2 / (1 / pi).sum()
-    exact_low, exact_high = clopper_pearson(np.array([rate * n_effective]), np.array([n_effective]), level)
+    bound_low, bound_high = wilson_interval(np.array([rate * n_effective]), np.array([n_effective]), level)
     if (pi * f).sum() < MIN_ERRORS_FOR_NORMAL:
-        low, high = min(low, float(exact_low[0])), max(high, float(exact_high[0]))
+        low, high = min(low, float(bound_low[0])), max(high, float(bound_high[0]))
     elif round(float(pi.sum()), 6) < MIN_CHECKS_FOR_NORMAL:  # a budget of exactly 100 is not under 100
-        high = max(high, float(exact_high[0]))
+        high = max(high, float(bound_high[0]))
     return max(0.0, low), min(1.0, high)
 
 

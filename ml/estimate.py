@@ -188,6 +188,21 @@ def clopper_pearson(errors: np.ndarray, n: np.ndarray, level: float = 0.95) -> t
     return np.where(empty, 0.0, low), np.where(empty, 1.0, high)
 
 
+def wilson_interval(errors: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (same shape as ``errors``) for ``errors`` among ``n`` checks (both may be
+    fractional)."""
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - (1 - level) / 2)
+    n = np.maximum(np.asarray(n, float), 1e-12)
+    p = np.asarray(errors, float) / n
+    centre = (p + z ** 2 / (2 * n)) / (1 + z ** 2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / (1 + z ** 2 / n)
+    errors = np.asarray(errors, float)
+    # at 0 (or n) errors the bound is exactly 0 (or 1); rounding would leave it a hair inside
+    return np.where(errors <= 0, 0.0, np.clip(centre - half, 0, 1)), np.where(errors >= n, 1.0, np.clip(centre + half, 0, 1))
+
+
 def exact_binomial_interval(rate: np.ndarray, n: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Clopper-Pearson interval (V,) for ``rate * n`` errors among ``n`` images (at least 1).
 
@@ -198,18 +213,39 @@ def exact_binomial_interval(rate: np.ndarray, n: np.ndarray, level: float = 0.95
     return clopper_pearson(np.clip(np.asarray(rate, float), 0, 1) * n, n, level)
 
 
-def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
-                         counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 3,
-                         seed: int = 0, draw_keys: np.ndarray | None = None,
-                         trained: np.ndarray | None = None) -> np.ndarray:
-    """(V,) mean counted probability of error the estimator gives labels known to be wrong.
+@dataclass
+class InjectedFlips:
+    """Labels flipped on purpose, over every draw: ``vendor`` (M,) int and ``score`` (M,), the counted
+    p_error the refitted estimator gives each flipped label; ``pooled_from`` (V,) bool, the vendors
+    whose flips make the pooled measure (those the classifier trained on)."""
+
+    vendor: np.ndarray
+    score: np.ndarray
+    pooled_from: np.ndarray
+
+    def sensitivity(self, weight: np.ndarray | None = None) -> np.ndarray:
+        """(V,) mean score per vendor, shrunk toward the pooled mean with ``PSEUDO_FLIPS`` pseudo flips;
+        ``weight`` (M,) counts each flip (bootstrap resampling), default 1."""
+        n_vendors = len(self.pooled_from)
+        weight = np.ones(len(self.score)) if weight is None else weight
+        found = np.bincount(self.vendor, weights=self.score * weight, minlength=n_vendors)
+        injected = np.bincount(self.vendor, weights=weight, minlength=n_vendors)
+        pooled = found[self.pooled_from].sum() / max(injected[self.pooled_from].sum(), 1.0)
+        return (found + PSEUDO_FLIPS * pooled) / (injected + PSEUDO_FLIPS)
+
+
+def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
+                 counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 12,
+                 seed: int = 0, draw_keys: np.ndarray | None = None,
+                 trained: np.ndarray | None = None) -> InjectedFlips:
+    """The counted probability of error the estimator gives labels known to be wrong.
 
     Out-of-fold probabilities do not depend on an image's own label, so flipping a random ``share`` of
     each vendor's labels to another class makes errors whose positions are known, without retraining.
     The noise model is refitted on the flipped labels (warm-started), so that flipped labels, like real
-    errors, shape the confusion counts that judge them, and the flipped images' counted p_error is
-    averaged per vendor over ``repeats`` draws. The flips raise each vendor's noise by ``share``, which
-    makes the measure read a few points high (measured in tests/test_estimate.py).
+    errors, shape the confusion counts that judge them, over ``repeats`` draws. The flips raise each
+    vendor's noise by ``share``, which makes the measure read a few points high (measured in
+    tests/test_estimate.py).
 
     Which images are flipped, and to which class, is a function of each image's ``draw_keys`` (N,)
     (its content hash; default its position), so a vendor's measure does not change when other images
@@ -219,8 +255,7 @@ def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarra
     n_vendors = model.confusion.shape[0]
     k = probs.shape[1]
     keys = np.arange(len(given)).astype(str) if draw_keys is None else np.asarray(draw_keys)
-    found = np.zeros(n_vendors)
-    injected = np.zeros(n_vendors)
+    flip_vendor, flip_score = [], []
     for repeat in range(repeats):
         salt = 1_000_003 * seed + 2 * repeat
         flipped = keyed_uniform(keys, salt) < share
@@ -231,13 +266,26 @@ def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarra
                                 temperature=model.temperature, trained=trained)
         p_error = refit.p_error(labels)
         score = p_error * counted_of(refit.clean_prior, labels, p_error)
-        found += np.bincount(vendor, weights=score * flipped, minlength=n_vendors)
-        injected += np.bincount(vendor, weights=flipped.astype(float), minlength=n_vendors)
+        flip_vendor.append(vendor[flipped])
+        flip_score.append(score[flipped])
     # pooled over the vendors the classifier trained on, so that a vendor scored later moves no other
-    trained_vendor = np.bincount(vendor, weights=np.ones(len(given)) if trained is None else trained,
-                                 minlength=n_vendors) > 0
-    pooled = found[trained_vendor].sum() / max(injected[trained_vendor].sum(), 1.0)
-    return (found + PSEUDO_FLIPS * pooled) / (injected + PSEUDO_FLIPS)
+    pooled_from = np.bincount(vendor, weights=np.ones(len(given)) if trained is None else trained,
+                              minlength=n_vendors) > 0
+    return InjectedFlips(np.concatenate(flip_vendor), np.concatenate(flip_score), pooled_from)
+
+
+def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
+                         **options) -> np.ndarray:
+    """(V,) mean counted probability of error the estimator gives labels known to be wrong
+    (:func:`inject_flips`, same options)."""
+    return inject_flips(probs, given, vendor, model, **options).sensitivity()
+
+
+def model_false_positive(counted_error: np.ndarray, vendor: np.ndarray, n_vendors: int) -> np.ndarray:
+    """(V,) the probability of error the model itself expects to give a correct label:
+    sum(p * (1 - p)) / sum(1 - p) over a vendor's counted p_error ``p`` (N,)."""
+    return np.bincount(vendor, weights=counted_error * (1 - counted_error), minlength=n_vendors) / \
+        np.maximum(np.bincount(vendor, weights=1 - counted_error, minlength=n_vendors), 1e-12)
 
 
 def _vendor_seed(seed: int, name: str) -> list[int]:
@@ -262,7 +310,8 @@ def vendor_error_rates(
     true rate ``r``, where ``s`` is the p_error the estimator gives a wrong label (measured by injected
     flips) and ``f`` the p_error it gives a correct one (the noise model's own expectation). Inverting
     that line removes the shrinkage of soft posteriors toward the middle; the bootstrap (images
-    resampled within each vendor, the whole noise model refitted) goes through the same line. The
+    resampled within each vendor, the whole noise model refitted, the injected flips resampled so that
+    the uncertainty of ``s`` is in the interval) goes through the same line. The
     interval is at least as wide as the exact binomial interval of the vendor's image count.
 
     ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an
@@ -284,37 +333,39 @@ def vendor_error_rates(
             np.bincount(vendor[kept], weights=weight, minlength=n_vendors), 1e-12)
 
     raw = rates(model, np.ones(len(given)))
-    counted_error = p_error * counted
-    false_positive = np.bincount(vendor, weights=counted_error * (1 - counted_error), minlength=n_vendors) / \
-        np.maximum(np.bincount(vendor, weights=1 - counted_error, minlength=n_vendors), 1e-12)
-    sensitivity = injected_sensitivity(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys,
-                                       trained=trained)
+    false_positive = model_false_positive(p_error * counted, vendor, n_vendors)
+    flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys, trained=trained)
+    sensitivity = flips.sensitivity()
     slope = sensitivity - false_positive
     weak = slope < MIN_SLOPE
     if weak.any():
         log.warning("error detection is weak for %s (slope %s): their rates are uncertain",
                     ", ".join(np.array(names)[weak]), ", ".join(f"{x:.3f}" for x in slope[weak]))
-    slope = np.maximum(slope, MIN_SLOPE)
 
-    def corrected(values: np.ndarray) -> np.ndarray:
-        return np.clip((values - false_positive) / slope, 0, 1)
+    def corrected(values: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+        return np.clip((values - false_positive) / np.maximum(sensitivity - false_positive, MIN_SLOPE), 0, 1)
 
-    point = corrected(raw)
+    point = corrected(raw, sensitivity)
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
+    flip_groups = [np.flatnonzero(flips.vendor == v) for v in range(n_vendors)]
     # one generator per vendor, seeded by its name: its draws do not depend on the other vendors
     generators = [np.random.default_rng(_vendor_seed(seed, name)) for name in names]
     boot = np.empty((n_boot, n_vendors))
     for b in range(n_boot):
-        # resample images within each vendor, as counts; warm-start EM from the full fit
+        # resample images within each vendor, as counts; warm-start EM from the full fit. The flips
+        # are resampled too, so that the interval carries the uncertainty of the measured sensitivity
         weight = np.zeros(len(given))
-        for g, rng in zip(groups, generators):
+        flip_weight = np.zeros(len(flips.vendor))
+        for g, f, rng in zip(groups, flip_groups, generators):
             if len(g):
                 weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
+            if len(f):
+                flip_weight[f] = rng.multinomial(len(f), np.full(len(f), 1.0 / len(f)))
         kept = np.flatnonzero(weight)  # about 37% of images are not drawn: leave them out of the refit
         refit = fit_noise_model(probs[kept], given[kept], vendor[kept], n_vendors, max_iter=25, tol=1e-5,
                                 sample_weight=weight[kept], initial_confusion=model.confusion,
                                 temperature=model.temperature, trained=trained[kept])
-        boot[b] = corrected(rates(refit, weight[kept], kept))
+        boot[b] = corrected(rates(refit, weight[kept], kept), flips.sensitivity(flip_weight))
     low, high = np.percentile(boot, [2.5, 97.5], axis=0)
     # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
     shift = point - boot.mean(axis=0)

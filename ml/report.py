@@ -612,7 +612,7 @@ def _hand_checks(card, checks: pd.DataFrame | None) -> list:
         blocks.append(Bullets(tuple(notes)))
     blocks.append(_para("More checks to halve the interval: the checks one more plan would need, expected from the "
                         "model's probabilities of error; while fewer than five errors are found the interval is the "
-                        "exact checks-only one, and at least as many checks again are counted."))
+                        "checks-only one, and at least as many checks again are counted."))
     return blocks
 
 

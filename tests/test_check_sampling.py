@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ml.check_sampling import (UNIFORM_SHARE, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
+from ml.check_sampling import (MIN_CHECKS_FOR_NORMAL, UNIFORM_SHARE, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
                                expected_halfwidth, expected_interval, inclusion_probabilities)
 from ml.estimate import fit_noise_model
 from test_estimate import synthetic
@@ -30,6 +30,40 @@ def test_inclusion_probabilities_spend_the_budget_and_leave_no_image_out(vendors
     # the model's uncertain images are checked more often than its sure ones
     uncertain = np.abs(p_error - 0.5) < 0.2
     assert pi[uncertain].mean() > 3 * pi[p_error < 0.01].mean()
+    # under MIN_CHECKS_FOR_NORMAL the checks-only bound rules, and even checks give it the most checks
+    small = inclusion_probabilities(p_error, vendor, np.array([25, 50, MIN_CHECKS_FOR_NORMAL - 1]))
+    np.testing.assert_allclose(small, np.repeat([25, 50, MIN_CHECKS_FOR_NORMAL - 1], 1000) / 1000)
+
+
+def test_the_interval_is_skewed_away_from_zero_when_few_errors_are_seen():
+    # 400 even checks of 4,000 images find 8 errors; a model that says nothing (f constant)
+    n = 4000
+    pi = np.full(n, 0.1)
+    checked = np.zeros(n, bool)
+    checked[::10] = True
+    wrong = np.zeros(n, bool)
+    wrong[:80:10] = True
+    rates = checked_error_rates(np.full(n, 0.02), checked, wrong, pi, np.zeros(n, int), 1)
+    rate, low, high = float(rates.rate[0]), float(rates.low[0]), float(rates.high[0])
+    assert rates.checked_errors[0] == 8 and rate == pytest.approx(0.02)
+    symmetric_half = 1.96 * np.sqrt(0.02 * 0.98 * 0.9 / 400)  # the normal interval, finite population
+    assert high - rate > symmetric_half > rate - low > 0  # skewed upward, as Wilson's is near 0
+
+
+def test_a_few_heavily_weighted_errors_are_not_enough_evidence_for_the_normal_interval():
+    # six errors found, but five among images the plan made near-certain (weight ~1) and one rare image
+    # with weight 100: about 1.5 effective errors, so the checks-only interval is part of the interval
+    n = 2000
+    pi = np.full(n, 0.01)
+    pi[:50] = 1.0
+    wrong = np.zeros(n, bool)
+    wrong[:5] = True
+    wrong[100] = True
+    checked = pi == 1.0
+    checked[100:120] = True
+    rates = checked_error_rates(np.full(n, 0.01), checked, wrong, pi, np.zeros(n, int), 1)
+    assert rates.checked_errors[0] == 6
+    assert rates.low[0] <= rates.checks_low[0] and rates.high[0] >= rates.checks_high[0]
 
 
 def test_plans_are_reproducible_and_rounds_combine_as_independent_draws(vendors):
