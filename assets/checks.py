@@ -11,6 +11,7 @@ from ml.check_plan import (
 from ml.checks import read_checks, read_gold, write_check_quarantine
 from ml.delivery import DeliveryError, load_curated_rows
 from ml.files import atomic_write_csv
+from pipelines.locks import DVC_POOL
 from pipelines.resources import AuditHome, DvcRepo
 
 
@@ -18,7 +19,7 @@ from pipelines.resources import AuditHome, DvcRepo
     deps=[curated_dataset],
     group_name="vendor_audit",
     kinds={"csv", "dvc"},
-    pool="dvc",  # DVC runs one operation at a time per repository
+    pool=DVC_POOL,  # DVC runs one operation at a time per repository
     description="Hand-check answers (checks/*.csv: image_id, true_labels) and gold images (gold/*.csv: sha256, "
                 "true_labels) validated row by row (rejected rows in quarantine/checks/ and quarantine/gold/ with "
                 "the reason) and matched to the delivered images: reports/hand_checks.csv. checks/, gold/ and "
@@ -43,8 +44,7 @@ def hand_checks(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: D
         write_check_quarantine(audit_home.quarantine, kind, quarantine)
     answers = collect_answers(rows, checks, gold)
     atomic_write_csv(audit_home.reports / "hand_checks.csv", answers)
-    versions = dvc.snapshot_folders([folder for folder in ("checks", "gold", "plans")
-                                     if _has_files(audit_home, folder)])
+    versions = dvc.snapshot_folders(dvc.answer_folders())
     write_answers_state(audit_home.checks_state, read=fingerprint, versions=versions)
 
     n_rows = answer_file_rows(audit_home.checks, "image_id") + answer_file_rows(audit_home.gold, "sha256")
@@ -74,12 +74,6 @@ def hand_checks(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: D
             check_name="answers_reconcile", passed=accepted + quarantined == n_rows,
             metadata={"rows": n_rows, "accepted": accepted, "quarantined": quarantined})],
     )
-
-
-def _has_files(audit_home: AuditHome, folder: str) -> bool:
-    """Version a folder once it has a file, and keep versioning it (even emptied) once it has a version."""
-    path = audit_home.root / folder
-    return (path.is_dir() and any(p.is_file() for p in path.iterdir())) or (audit_home.root / f"{folder}.dvc").is_file()
 
 
 def _gold_disagreements(answers: pd.DataFrame) -> int:

@@ -1,6 +1,9 @@
 """Ingestion of one vendor delivery into the curated dataset and quarantine."""
 
+from pathlib import Path
+
 import dagster as dg
+import pandas as pd
 
 from assets.partitions import deliveries
 from ml.config import CONFIG_NAME
@@ -21,8 +24,10 @@ from pipelines.resources import AuditHome
                 "A delivery whose labels.csv cannot be used is quarantined whole (one row with the reason, "
                 "nothing curated) and the run goes on.",
     check_specs=[
-        dg.AssetCheckSpec("rows_reconcile", asset="vendor_delivery",
-                          description="accepted + quarantined = delivered"),
+        # blocking: rows lost between the delivery and the curated data must not be scored or versioned
+        dg.AssetCheckSpec("rows_reconcile", asset="vendor_delivery", blocking=True,
+                          description="accepted + quarantined = delivered (on a re-run: the rows in the curated and "
+                                      "quarantine files against the delivery's record); blocks downstream assets"),
         dg.AssetCheckSpec("quarantine_share", asset="vendor_delivery",
                           description="share of quarantined rows under quarantine_warn_share"),
     ],
@@ -46,7 +51,8 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
             raise dg.Failure(f"delivery {delivery.key} changed after it was {done}; {never}: deliver it again "
                              "under a new batch name")
         context.log.info(f"{delivery.key} is {done} already and unchanged: nothing to do")
-        return _unchanged(record, settings.quarantine_warn_share, audit_home.quarantine / vendor / f"{batch}.csv")
+        return _unchanged(record, settings.quarantine_warn_share, audit_home.quarantine / vendor / f"{batch}.csv",
+                          curated / vendor / batch / "rows.csv")
     fingerprint = delivery_fingerprint(delivery.folder)  # before reading: a later change is detected
     image_format = read_format(curated)
     try:
@@ -108,17 +114,28 @@ def _rejected(reason: str, quarantine_file, limit: float, **extra) -> dg.Materia
         ])
 
 
-def _unchanged(record: dict, limit: float, quarantine_file) -> dg.MaterializeResult:
-    """A re-run on a delivery read before: no change, the checks repeat what its record says."""
+def _unchanged(record: dict, limit: float, quarantine_file: Path, rows_file: Path) -> dg.MaterializeResult:
+    """A re-run on a delivery read before: no change to read; the checks count again the rows of its
+    curated and quarantine files against the number delivered that its record holds."""
     if record.get("status") == REJECTED:
         return _rejected(record.get("reason", ""), quarantine_file, limit, unchanged=True)
+    accepted, quarantined = _csv_rows(rows_file), _csv_rows(quarantine_file)
     if "n_delivered" not in record:  # no record of its counts
         return dg.MaterializeResult(metadata={"unchanged": True}, check_results=[
             dg.AssetCheckResult(check_name="rows_reconcile", passed=True, metadata={"unchanged": True}),
             _share_check(0.0, limit, unchanged=True)])
-    delivered, accepted, quarantined = (int(record[k]) for k in ("n_delivered", "n_accepted", "n_quarantined"))
+    delivered = int(record["n_delivered"])
+    passed = accepted + quarantined == delivered
     return dg.MaterializeResult(metadata={"unchanged": True}, check_results=[
-        dg.AssetCheckResult(check_name="rows_reconcile", passed=accepted + quarantined == delivered,
+        dg.AssetCheckResult(check_name="rows_reconcile", passed=passed,
+                            description=None if passed else
+                            f"{delivered} rows delivered, {accepted} in {rows_file}, {quarantined} in {quarantine_file}: "
+                            f"{delivered - accepted - quarantined} rows unaccounted for",
                             metadata={"delivered": delivered, "accepted": accepted, "quarantined": quarantined,
                                       "unchanged": True}),
         _share_check(quarantined / delivered if delivered else 0.0, limit, unchanged=True)])
+
+
+def _csv_rows(path: Path) -> int:
+    """Data rows of a CSV file written by the ingestion; 0 when it does not exist."""
+    return len(pd.read_csv(path, dtype=str, keep_default_na=False)) if path.is_file() else 0

@@ -13,6 +13,7 @@ from ml.check_plan import read_answers_state, read_plans, vendor_checks, write_a
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
 from ml.scorecard import build_scorecard, checks_last, compare_vendors
+from pipelines.locks import DVC_POOL
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
 
@@ -20,7 +21,10 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     deps=[label_issues],
     group_name="vendor_audit",
     kinds={"pandas", "mlflow"},
-    pool="dvc",
+    pool=DVC_POOL,
+    # declarative: whatever refreshed the label issues (a job, the UI), the scorecard follows once the
+    # scorecard_automation sensor is on; no job or sensor has to name it
+    automation_condition=dg.AutomationCondition.eager(),
     description="One row per vendor: error rate with a 95% interval (combined with the hand checks where a vendor "
                 "has them), flagged and ambiguous counts, rank, hand-check and gold columns; "
                 "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
@@ -62,13 +66,16 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None, hand_checks=checks)
     write_report(reports, report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
-    dvc.commit_stage("audit")
+    dvc.commit_stage()  # the home's pipeline (ingest, audit) as it stands now
+    dvc.record_audit(dataset_version, f"{mlflow_tracking.registered_model} v{champion['model_version']}")
     # the scorecard now reflects the answers hand_checks read: `run` and checks_sensor compare with this
     write_answers_state(audit_home.checks_state, scored=answers_state.get("read", ""))
     mlflow = mlflow_tracking.start()
     with mlflow.start_run(run_id=champion["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")
-    context.log.info("scorecard:\n" + scorecard.to_string(index=False))
+    # one line: the table itself is this materialization's metadata, and `run` prints it once
+    context.log.info(f"scorecard of {len(scorecard)} vendors: {reports / 'scorecard.csv'}; report: "
+                     f"{reports / 'report.md'}")
     return dg.MaterializeResult(metadata={
         "scorecard": _table(scorecard),
         "hand_checks": _table(checks),

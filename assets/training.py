@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 from assets.dataset import curated_dataset
+from ml.backbones import choose_backbone, image_side_and_channels, load_backbone
 from ml.delivery import load_curated
 from ml.files import atomic_write_bytes
-from ml.train import CrossValResult, FoldEnsemble, TrainConfig, cross_validate, pick_device
+from ml.train import SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_training, train_folds
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import ModelOutputs, champion_outputs, load_selection, save_ensemble, save_outputs
 
@@ -19,29 +20,49 @@ class TrainingConfig(dg.Config):
     force: bool = False  # retrain even when this dataset version has been trained already
 
 
-def _train_config(settings, head: str) -> TrainConfig:
+def _train_config(settings, head: str, backbone: str = "small_cnn", weights: str = "none",
+                  training: str = SCRATCH) -> TrainConfig:
     return TrainConfig(head=head, epochs=settings.epochs, batch_size=settings.batch_size,
-                       learning_rate=settings.learning_rate, folds=settings.folds, seed=settings.seed)
+                       learning_rate=settings.learning_rate, folds=settings.folds, seed=settings.seed,
+                       backbone=backbone, weights=weights, training=training)
+
+
+def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, torch.device]:
+    """(backbone, weights, training mode, device) for these images, each choice logged with its reason."""
+    side, channels = image_side_and_channels(images)
+    choice = choose_backbone(settings.backbone, settings.weights, side, channels)
+    device = pick_device()
+    mode, why = resolve_training(settings.training, choice.name, device)
+    log.info(f"backbone {choice.name} (weights {choice.weights}): {choice.reason}; training {mode} on {device.type}: {why}")
+    return choice.name, choice.weights, mode, device
 
 
 def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np.ndarray, labels: np.ndarray,
-                  classes: tuple[str, ...], dataset_version: str, log) -> tuple[CrossValResult, dict, FoldEnsemble]:
-    """Cross-validate one head inside an MLflow run; log params, per-fold/epoch metrics and the model."""
+                  classes: tuple[str, ...], dataset_version: str, log, feature_cache=None,
+                  backbone=None) -> tuple[CrossValResult, dict, torch.nn.Module]:
+    """Cross-validate one head inside an MLflow run; log params, per-fold/epoch metrics, device, backbone,
+    training mode, throughput and peak memory, and the model."""
     device = pick_device()
     with mlflow.start_run(run_name=f"{config.head}-{dataset_version[:8]}") as run:
-        mlflow.set_tags({"dataset_version": dataset_version, "head": config.head, "device": device.type})
-        mlflow.log_params({**asdict(config), "n_images": len(labels), "n_classes": len(classes)})
+        mlflow.set_tags({"dataset_version": dataset_version, "head": config.head, "device": device.type,
+                         "backbone": config.backbone, "weights": config.weights, "training": config.training})
+        mlflow.log_params({**asdict(config), "n_images": len(labels), "n_classes": len(classes), "device": device.type})
 
         def on_epoch(event: dict) -> None:
             mlflow.log_metric(f"train_loss_fold{event['fold']}", event["train_loss"], step=event["epoch"])
 
-        result = cross_validate(images, labels, len(classes), config, device=device, on_epoch=on_epoch)
+        result = train_folds(images, labels, len(classes), config, device=device, on_epoch=on_epoch,
+                             feature_cache=feature_cache, backbone=backbone)
         for fold, accuracy in enumerate(result.fold_accuracy):
             mlflow.log_metric("heldout_accuracy_fold", accuracy, step=fold)
         heldout_accuracy = result.accuracy(labels)
         mlflow.log_metric("heldout_accuracy", heldout_accuracy)
-        log.info(f"{config.head}: out-of-fold accuracy {heldout_accuracy:.4f} against the given labels")
-        ensemble = FoldEnsemble(result.models).eval()
+        mlflow.log_metrics({k: float(v) for k, v in result.stats.items() if isinstance(v, (int, float))})
+        mlflow.set_tags({k: str(v) for k, v in result.stats.items() if isinstance(v, str)})
+        log.info(f"{config.head}: out-of-fold accuracy {heldout_accuracy:.4f} against the given labels "
+                 f"({config.training}, {config.backbone}, {result.stats.get('train_images_per_s')} images/s on "
+                 f"{device.type}, peak memory {result.stats.get('peak_memory_mb')} MB)")
+        ensemble = result.ensemble.eval()
         info = mlflow.pytorch.log_model(  # pt2 (torch.export) format: loading runs no pickled code
             ensemble, name="model", input_example=images[:2], registered_model_name=registered_model,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
@@ -50,8 +71,10 @@ def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np
         client = mlflow.MlflowClient()
         client.set_model_version_tag(registered_model, model_version, "dataset_version", dataset_version)
         client.set_model_version_tag(registered_model, model_version, "head", config.head)
+        client.set_model_version_tag(registered_model, model_version, "backbone", config.backbone)
     return result, {"head": config.head, "run_id": run.info.run_id, "model_version": model_version,
-                    "heldout_accuracy": heldout_accuracy}, ensemble
+                    "heldout_accuracy": heldout_accuracy, "backbone": config.backbone, "weights": config.weights,
+                    "training": config.training}, ensemble
 
 
 def champion_accuracy(audit_home: AuditHome, champion: dict, rows, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -65,7 +88,10 @@ def champion_accuracy(audit_home: AuditHome, champion: dict, rows, labels: np.nd
     deps=[curated_dataset],
     group_name="vendor_audit",
     kinds={"pytorch", "mlflow"},
-    description="K-fold cross-validated CNNs, one MLflow run per head (softmax, L2-softmax), each registered; "
+    pool="training",  # pipelines.locks.TRAINING_POOL: one training at a time
+    description="K-fold cross-validated classifiers (the backbone and training mode the settings or the images "
+                "choose: small CNN from scratch, frozen pretrained features with trained heads, or fine-tuning), "
+                "one MLflow run per head (softmax, L2-softmax), each registered; "
                 "out-of-fold probabilities and embeddings for every curated image. Skipped when this dataset "
                 "version is trained already (unless forced). The alias 'champion' moves to the best new "
                 "version only if it beats the champion on the same images.",
@@ -84,9 +110,14 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
     mlflow = mlflow_tracking.start()
     champion = mlflow_tracking.champion()
     runs, predictions = [], {}
+    backbone_name, weights, mode, _ = plan_training(settings, images, context.log)
+    # loaded once for both heads; the feature cache makes the second head's features free
+    backbone = None if mode == SCRATCH else load_backbone(backbone_name, weights, image_side_and_channels(images)[0])
     for head in settings.heads:
-        result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model, _train_config(settings, head),
-                                              images, labels, settings.classes, dataset_version, context.log)
+        result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model,
+                                              _train_config(settings, head, backbone_name, weights, mode),
+                                              images, labels, settings.classes, dataset_version, context.log,
+                                              feature_cache=audit_home.root / "features", backbone=backbone)
         outputs = ModelOutputs(rows["image_id"].to_numpy(), result.probs, result.embeddings, result.fold)
         save_outputs(audit_home.models, dataset_version, head, outputs, run)
         save_ensemble(audit_home.models, dataset_version, head, ensemble, settings.classes)
@@ -116,4 +147,5 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
         "champion_decision": decision,
         **{f"heldout_accuracy_{r['head']}": r["heldout_accuracy"] for r in runs},
         **{f"model_version_{r['head']}": r["model_version"] for r in runs},
+        "backbone": backbone_name, "weights": weights, "training": mode,
     })

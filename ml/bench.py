@@ -19,7 +19,7 @@ from ml.audit import run_audit
 from ml.scorecard import MIN_IMAGES_TO_RATE, compare_vendors
 from ml.datasets import load_dataset
 from ml.simulate import simulate_labels
-from ml.train import FoldEnsemble, TrainConfig, cross_validate, member_for_content, score_out_of_sample
+from ml.train import FoldEnsemble, TrainConfig, cross_validate, member_for_content, score_out_of_sample, train_folds
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,11 @@ class Scenario:
     ambiguous: float = 0.0
     epochs: int | None = None  # None: the benchmark's default
     late: int = 0  # images per vendor delivered after training (scenario L), out of per_vendor
+    backbone: str = "small_cnn"  # ml.backbones name; small_cnn is trained from scratch
+    training: str = "scratch"  # scratch, probe or finetune (ml.train)
 
 
+PHOTO_VENDORS = {"a": 0.0, "b": 0.05, "c": 0.10, "d": 0.20}
 SCENARIOS = {s.key: s for s in [
     Scenario("A", "reference: 3 x 2,000, uniform errors", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 2000),
     Scenario("B", "systematic pair confusions", "fashion-mnist", {"clean": 0.0, "pairs10": 0.10, "pairs25": 0.25},
@@ -52,7 +55,14 @@ SCENARIOS = {s.key: s for s in [
     Scenario("S100", "small vendors: 3 x 100", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 100),
     Scenario("L", "late deliveries: 3 x 2,000 trained, then a byte copy and 1,000 new images of each",
              "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 3000, late=1000),
+    # photos (CIFAR-10 from $CIFAR10_NPZ, or torchvision's downloader): not in the default run
+    Scenario("P", "photos: 4 x 2,000 CIFAR-10, uniform errors; efficientnet_lite0 probe", "cifar10",
+             PHOTO_VENDORS, 2000, backbone="efficientnet_lite0", training="probe"),
+    Scenario("P2", "photos: 4 x 2,000 CIFAR-10, pair confusions; efficientnet_lite0 probe", "cifar10",
+             PHOTO_VENDORS, 2000, noise="pairs", backbone="efficientnet_lite0", training="probe"),
+    Scenario("PS", "photos: scenario P's photos, small_cnn from scratch", "cifar10", PHOTO_VENDORS, 2000),
 ]}
+PHOTO_SCENARIOS = ("P", "P2", "PS")
 
 
 @dataclass
@@ -63,7 +73,7 @@ class BenchConfig:
     head: str = "l2softmax"
     bootstrap: int = 100
     cache: Path | None = None
-    train_batch: dict = field(default_factory=lambda: {"fashion-mnist": 128, "digits": 32})
+    train_batch: dict = field(default_factory=lambda: {"fashion-mnist": 128, "digits": 32, "cifar10": 128})
     digits_epochs: int = 20
 
 
@@ -74,15 +84,21 @@ def _epochs(scenario: Scenario, config: BenchConfig) -> int:
 def _model_outputs(scenario: Scenario, seed: int, sim, n_classes: int, config: BenchConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """Out-of-fold probabilities and embeddings, cached per scenario, seed and training settings."""
     epochs = _epochs(scenario, config)
-    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}.npz"
+    model = "" if scenario.training == "scratch" else f"-{scenario.backbone}-{scenario.training}"
+    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}{model}.npz"
     path = config.cache / tag if config.cache else None
     if path is not None and path.is_file():
         with np.load(path) as saved:
             return saved["probs"], saved["embeddings"], float(saved["seconds"])
     started = time.perf_counter()
     train_config = TrainConfig(head=config.head, epochs=epochs, folds=config.folds, seed=seed,
-                               batch_size=config.train_batch[scenario.dataset])
-    result = cross_validate(sim.images[..., None], sim.given, n_classes, train_config)
+                               batch_size=config.train_batch[scenario.dataset], backbone=scenario.backbone,
+                               weights="none" if scenario.training == "scratch" else "auto",
+                               training=scenario.training)
+    images = sim.images[..., None] if sim.images.ndim == 3 else sim.images  # (N, H, W, C)
+    # features are cached by image content: the photos a seed shares with another are computed once
+    features = config.cache / "features" if config.cache else None
+    result = train_folds(images, sim.given, n_classes, train_config, feature_cache=features)
     seconds = time.perf_counter() - started
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

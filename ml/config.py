@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Annotated
 
 import yaml
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, field_validator
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
 from ml.files import atomic_write_text
 
 CONFIG_NAME = "vendor-audit.yaml"
 HEADS = ("softmax", "l2softmax")
+TRAININGS = ("auto", "probe", "finetune")
+# backbones and weights known without importing torch (the rest are checked against torchvision)
+PLAIN_BACKBONES = ("auto", "small_cnn", "efficientnet_lite0")
 SEED_MAX = 2**32 - 1  # a 32-bit seed suits every random generator used (torch, numpy)
 
 
@@ -52,6 +55,9 @@ class Settings:
     bootstrap: Annotated[StrictInt, Field(ge=50)] = 200  # intervals need enough bootstrap replicates
     tracking_uri: Annotated[str, Strict()] = ""  # MLflow tracking URI; empty: SQLite under <home>/mlflow
     dvc_remote: Annotated[str, Strict()] = ""    # DVC remote URL; empty: the folder <home>/dvc-remote
+    backbone: Annotated[str, Strict()] = "auto"  # small_cnn, efficientnet_lite0, a torchvision model, or auto
+    weights: Annotated[str, Strict()] = "auto"   # auto, none, a torchvision weights name, or a state dict's path
+    training: Annotated[str, Strict()] = "auto"  # probe, finetune, or auto (finetune on a GPU, probe on a CPU)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -82,6 +88,43 @@ class Settings:
         if len(set(value)) != len(value):
             raise ValueError("names a head twice")
         return tuple(value)
+
+    @field_validator("backbone")
+    @classmethod
+    def _check_backbone(cls, value):
+        if value in PLAIN_BACKBONES:
+            return value
+        from ml.backbones import BackboneError, check_backbone_name
+
+        try:
+            return check_backbone_name(value)
+        except BackboneError as exc:
+            raise ValueError(f"is unknown: {exc}") from None
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value, info: ValidationInfo):
+        backbone = info.data.get("backbone")
+        if backbone is None or value in ("auto", "none") or not value.strip():
+            if not value.strip():
+                raise ValueError(f"must be {RULES['weights']}")
+            return value
+        from ml.backbones import BackboneError, check_weights
+
+        try:
+            return check_weights(backbone, value)
+        except BackboneError as exc:
+            raise ValueError(f"does not suit backbone {backbone!r}: {exc}") from None
+
+    @field_validator("training")
+    @classmethod
+    def _check_training(cls, value, info: ValidationInfo):
+        if value not in TRAININGS:
+            raise ValueError(f"must be {RULES['training']}")
+        if value == "probe" and info.data.get("backbone") == "small_cnn":
+            raise ValueError("probe needs a pretrained backbone: small_cnn is trained from scratch (use training: auto, "
+                             "or a pretrained backbone such as efficientnet_lite0)")
+        return value
 
     @field_validator("channels")
     @classmethod
@@ -115,6 +158,9 @@ RULES = {
     "bootstrap": "an integer >= 50, the bootstrap replicates behind each interval",
     "tracking_uri": "a string; empty means the SQLite store under <home>/mlflow",
     "dvc_remote": "a string; empty means the folder <home>/dvc-remote",
+    "backbone": "auto, small_cnn, efficientnet_lite0 or a torchvision classification model name (resnet50, ...)",
+    "weights": "auto, none, a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or the path of a state dict",
+    "training": "probe, finetune or auto (finetune on a GPU, probe on a CPU)",
 }
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _SETTINGS_ADAPTER = TypeAdapter(Settings)

@@ -15,6 +15,10 @@ FASHION_MNIST_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,47 @@ def load_digits_upscaled(scale: int = 3) -> ImageSet:
     return ImageSet("digits", images, digits.target.astype(np.int64), DIGITS_CLASSES)
 
 
-def load_dataset(name: str) -> ImageSet:
-    loaders = {"fashion-mnist": load_fashion_mnist, "digits": load_digits_upscaled}
+def load_cifar10(source: Path | str | None = None) -> ImageSet:
+    """CIFAR-10 photos, 32x32 RGB: ``source`` or ``$CIFAR10_NPZ`` (an .npz with ``images`` uint8
+    (N, 32, 32, 3), ``labels`` (N,) and optionally ``classes``), else with internet the 50,000
+    training photos from torchvision's downloader (cached under ~/.cache/vendor-audit)."""
+    path = Path(source).expanduser() if source else (Path(os.environ["CIFAR10_NPZ"]).expanduser()
+                                                     if os.environ.get("CIFAR10_NPZ") else None)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: CIFAR-10 photos not found (an .npz with images and labels)")
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ("images", "labels") if name not in data.files]
+            if missing:
+                raise ValueError(f"{path}: no {' or '.join(missing)} array (an .npz with images and labels)")
+            images, labels = data["images"], data["labels"].astype(np.int64)
+            classes = tuple(str(c) for c in data["classes"]) if "classes" in data.files else CIFAR10_CLASSES
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(labels):
+            raise ValueError(f"{path}: images must be uint8 (N, H, W, 3) with one label each, got "
+                             f"{images.dtype} {images.shape} and {len(labels)} labels")
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= len(classes):
+            raise ValueError(f"{path}: labels must be class indices from 0 to {len(classes) - 1}")
+        return ImageSet("cifar10", images, labels, classes)
+    cache = Path.home() / ".cache" / "vendor-audit"
+    try:  # with internet only: torchvision's downloader as the fallback
+        from torchvision.datasets import CIFAR10
+
+        data = CIFAR10(str(cache), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure means the same thing to the user
+        raise FileNotFoundError(
+            "CIFAR-10 not found: set CIFAR10_NPZ (or pass --source) to an .npz with images uint8 (N, 32, 32, 3) "
+            f"and labels (N,), or run once with internet for torchvision's downloader ({exc})") from exc
+    return ImageSet("cifar10", np.asarray(data.data, np.uint8), np.asarray(data.targets, np.int64),
+                    tuple(data.classes))
+
+
+def load_dataset(name: str, source: Path | str | None = None) -> ImageSet:
+    """A dataset by name; ``source``: a local file where the dataset reads one (cifar10)."""
+    loaders = {"fashion-mnist": load_fashion_mnist, "digits": load_digits_upscaled, "cifar10": load_cifar10}
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")
+    if name == "cifar10":
+        return load_cifar10(source)
+    if source is not None:
+        raise ValueError(f"--source is for cifar10; {name} is found on its own")
     return loaders[name]()

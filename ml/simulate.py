@@ -18,6 +18,9 @@ TRUTH_FILE = "truth.csv"
 # Systematic confusions of scenario B (Fashion-MNIST class indices), in both directions:
 # shirt <-> T-shirt/top, sneaker <-> sandal, pullover <-> coat.
 FASHION_PAIRS = ((6, 0), (7, 5), (2, 4))
+# CIFAR-10: cat <-> dog, automobile <-> truck, deer <-> horse, bird <-> airplane.
+CIFAR10_PAIRS = ((3, 5), (1, 9), (4, 7), (2, 0))
+CONFUSABLE_PAIRS = {"fashion-mnist": FASHION_PAIRS, "cifar10": CIFAR10_PAIRS}
 
 
 def parse_vendor_rates(spec: str) -> dict[str, float]:
@@ -38,7 +41,7 @@ def parse_vendor_rates(spec: str) -> dict[str, float]:
 
 @dataclass
 class SimulatedLabels:
-    """N labelled images: ``images`` uint8 (N, H, W); ``vendor`` (N,) index into ``vendors``;
+    """N labelled images: ``images`` uint8 (N, H, W) or (N, H, W, C); ``vendor`` (N,) index into ``vendors``;
     ``given`` (N,) the vendor's label; ``true`` (N, 2) the true class and, for composed ambiguous
     images, the second true class (-1 otherwise); ``source`` (N,) dataset index of the (first) image."""
 
@@ -63,9 +66,11 @@ def simulate_labels(data: ImageSet, vendor_rates: dict[str, float], per_vendor: 
                     noise: str = "uniform", ambiguous: float = 0.0) -> SimulatedLabels:
     """Draw ``per_vendor`` different images per vendor and label them with known mistakes.
 
-    noise: ``uniform`` (a wrong label is any other class) or ``pairs`` (``FASHION_PAIRS`` swapped,
-    the vendor confuses specific classes). ``ambiguous``: the share of each vendor's images replaced
-    by two images of different classes overlaid; the vendor labels one of the two (not an error).
+    noise: ``uniform`` (a wrong label is any other class) or ``pairs`` (the dataset's confusable
+    pairs, ``CONFUSABLE_PAIRS``, swapped: the vendor confuses specific classes). ``ambiguous``: the
+    share of each vendor's images replaced by two images of different classes overlaid (the brighter
+    pixel of two grayscale images; the mean of two colour photos, where the maximum would wash both
+    out); the vendor labels one of the two (not an error).
     Exactly ``round(rate * per_vendor)`` labels per vendor are wrong, drawn among the other images.
     """
     rng = np.random.default_rng(seed)
@@ -89,13 +94,13 @@ def simulate_labels(data: ImageSet, vendor_rates: dict[str, float], per_vendor: 
                 j = partner_pool.pop()
                 if data.labels[j] != true[i, 0]:
                     break
-            images[i] = np.maximum(images[i], data.images[j])  # overlaid: both objects visible
+            images[i] = _overlay(images[i], data.images[j])
             true[i, 1] = data.labels[j]
             given[i] = true[i, rng.integers(0, 2)]
         plain = np.setdiff1d(members, composed)
         n_wrong = int(round(rate * per_vendor))
         if noise == "pairs":
-            partner_of = {a: b for x, y in FASHION_PAIRS for a, b in ((x, y), (y, x))}
+            partner_of = {a: b for x, y in CONFUSABLE_PAIRS.get(data.name, FASHION_PAIRS) for a, b in ((x, y), (y, x))}
             eligible = plain[np.isin(true[plain, 0], list(partner_of))]
             if n_wrong > len(eligible):
                 raise ValueError(f"rate {rate} needs {n_wrong} confusable images, only {len(eligible)} drawn")
@@ -107,6 +112,13 @@ def simulate_labels(data: ImageSet, vendor_rates: dict[str, float], per_vendor: 
         else:
             raise ValueError(f"unknown noise {noise!r}: uniform or pairs")
     return SimulatedLabels(list(vendor_rates), images, vendor, given, true, chosen)
+
+
+def _overlay(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Two images as one in which both objects are visible."""
+    if first.ndim == 3 and first.shape[-1] == 3:
+        return ((first.astype(np.uint16) + second) // 2).astype(np.uint8)
+    return np.maximum(first, second)
 
 
 def simulate_deliveries(data: ImageSet, vendor_rates: dict[str, float], per_vendor: int, home: Path,

@@ -4,6 +4,7 @@ nightly schedule."""
 import dagster as dg
 
 from assets.ingestion import vendor_delivery
+from assets.scorecard import vendor_scorecard
 from assets.partitions import deliveries
 from assets.scoring import batch_scores
 from assets.training import cv_models
@@ -87,6 +88,14 @@ def checks_sensor(context: dg.SensorEvaluationContext, audit_home: AuditHome,
     context.log.info(f"hand checks changed under {audit_home.checks} or {audit_home.gold}: re-scoring")
     return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"checks-{fingerprint[:16] or 'none'}")],
                            cursor=fingerprint)
+
+
+scorecard_automation = dg.AutomationConditionSensorDefinition(
+    "scorecard_automation", target=dg.AssetSelection.assets(vendor_scorecard), minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Evaluates the assets' declarative automation conditions: vendor_scorecard is eager, so it is "
+                "materialized whenever label_issues was updated since the scorecard last ran.",
+)
 
 
 nightly_schedule = dg.ScheduleDefinition(

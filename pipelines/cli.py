@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import pandas as pd
 
@@ -20,9 +21,11 @@ DEFAULT_VENDORS = "a=0.0,b=0.05,c=0.2"
 DAGSTER_YAML = """\
 telemetry:
   enabled: false
+nux:
+  enabled: false  # the UI's "join the community" pop-up, which loads a page from the internet
 concurrency:
   pools:
-    default_limit: 1  # the 'dvc' pool: one DVC operation at a time per repository
+    default_limit: 1  # any pool without its own limit; 'dvc' and 'training' are set from pipelines/locks.py
 python_logs:
   managed_python_loggers: [ml]
   python_log_level: INFO
@@ -31,13 +34,32 @@ python_logs:
 log = logging.getLogger("vendor_audit")
 
 
+# commands that read an existing home; simulate, demo and the benchmarks create theirs
+NEEDS_HOME = ("run", "plan", "datasets", "checkout", "ui", "mlflow-ui", "screenshots")
+
+
 def default_home() -> Path:
     return Path(os.environ.get("VENDOR_AUDIT_HOME") or Path.cwd() / "home")
 
 
+def require_home(home: Path, settings_file: bool = False) -> None:
+    """Stop with a usage error (exit 2) naming the commands that create a home, when ``home`` is not a
+    folder, or, with ``settings_file``, has no settings file; nothing is created."""
+    from ml.config import CONFIG_NAME
+
+    create = (f"create one with vendor-audit simulate --home {home} (simulated deliveries) or vendor-audit demo "
+              f"--home {home} (simulate and audit), or write its settings file {CONFIG_NAME}")
+    if not home.is_dir():
+        raise ValueError(f"{home}: no such vendor-audit home: {create}")
+    if settings_file and not (home / CONFIG_NAME).is_file():
+        raise ValueError(f"{home} is not a vendor-audit home (no {CONFIG_NAME}): {create}")
+
+
 def open_instance(home: Path):
-    """The home's Dagster instance (SQLite storage under ``home/dagster``), the one ``dagster dev`` shows."""
+    """The home's Dagster instance (SQLite storage under ``home/dagster``), the one ``vendor-audit ui`` (dg dev) shows."""
     import dagster as dg
+
+    from pipelines.locks import declare_pools
 
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True, exist_ok=True)
@@ -45,7 +67,9 @@ def open_instance(home: Path):
     if not config.is_file():
         config.write_text(DAGSTER_YAML)
     os.environ["DAGSTER_HOME"] = str(dagster_home)
-    return dg.DagsterInstance.from_config(str(dagster_home))
+    instance = dg.DagsterInstance.from_config(str(dagster_home))
+    declare_pools(instance)
+    return instance
 
 
 @dataclass
@@ -68,8 +92,10 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     return done.scorecard
 
 
-def audit(home: Path, retrain: bool = False, debug: bool = False) -> AuditRun:
-    """:func:`run_audit` with the run's summary; ``debug`` keeps Dagster's tracebacks and DEBUG events."""
+def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: bool = False) -> AuditRun:
+    """:func:`run_audit` with the run's summary; ``debug`` keeps Dagster's tracebacks and DEBUG events;
+    ``ingest_only`` stops after ingesting and versioning the data (no scorecard: the ``ingest`` stage
+    of the home's dvc.yaml)."""
     from ml.config import load_settings
     from pipelines.locks import exclusive
 
@@ -77,10 +103,10 @@ def audit(home: Path, retrain: bool = False, debug: bool = False) -> AuditRun:
     # one audit of a home at a time: a second `run` (a batch landing mid-run, the schedule) waits,
     # then finds what the first left to do
     with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
-        return _audit_locked(home, retrain, debug)
+        return _audit_locked(home, retrain, debug, ingest_only)
 
 
-def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
+def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = False) -> AuditRun:
     from ml.config import CONFIG_NAME, load_settings
     from ml.delivery import (
         Delivery, changed_deliveries, check_taxonomy, delivery_outcome, has_curated, is_ingested, load_curated_rows,
@@ -89,7 +115,7 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
     from pipelines.store import champion_outputs
     from pipelines.automation import answers_changed, new_deliveries, pending_deliveries
     from pipelines.definitions import build_definitions
-    from pipelines.resources import AuditHome, MlflowTracking
+    from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
     settings = load_settings(home)
     audit_home = AuditHome(home=str(home))
@@ -97,6 +123,22 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
     check_taxonomy(audit_home.curated, settings.classes, home / CONFIG_NAME)
     instance = open_instance(home)
     defs = build_definitions(str(home))
+    dvc = DvcRepo(audit_home=audit_home)
+    restored = dvc.checked_out_version()
+    if restored is not None and ingest_only:
+        log.warning("dataset version %s is checked out (vendor-audit checkout): nothing is ingested", restored)
+        return AuditRun(None, summarize_run([], audit_home.landing, audit_home.curated, audit_home.quarantine,
+                                            audit_home.delivery_state, settings.quarantine_warn_share,
+                                            home / "reports" / "scorecard.csv", []))
+    if restored is not None:  # a past dataset version: audit exactly that data, ingest nothing new
+        log.warning("dataset version %s is checked out (vendor-audit checkout): re-scoring it without ingesting "
+                    "new deliveries; vendor-audit checkout --home %s --dataset-version latest returns to the latest",
+                    restored, home)
+        _execute(defs, "score_vendors", instance, debug)
+        scorecard_path = home / "reports" / "scorecard.csv"
+        return AuditRun(pd.read_csv(scorecard_path), summarize_run([], audit_home.landing, audit_home.curated,
+                                                                   audit_home.quarantine, audit_home.delivery_state,
+                                                                   settings.quarantine_warn_share, scorecard_path, []))
     for ignored in scan_landing(audit_home.landing).ignored:
         log.warning("landing/%s ignored: %s", ignored.path, ignored.reason)
     added = new_deliveries(instance, audit_home)
@@ -133,6 +175,12 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
         return summarize_run(keys, audit_home.landing, audit_home.curated, audit_home.quarantine,
                              audit_home.delivery_state, settings.quarantine_warn_share, scorecard_path, changed)
 
+    if ingest_only:  # version what was read; the audit stage scores it
+        if has_curated(audit_home.curated):
+            version, commit = dvc.snapshot_dataset(load_curated_rows(audit_home.curated))
+            log.info("dataset version %s%s", version, f" (commit {commit[:8]})" if commit else "")
+        dvc.snapshot_folders(dvc.answer_folders())
+        return AuditRun(None, summary())
     if not has_curated(audit_home.curated):
         return AuditRun(None, summary())
     curated_now = [key for key in keys if is_ingested(delivery_of(key), audit_home.curated)]
@@ -149,7 +197,7 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
         config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
         execute("audit_vendors", run_config=config)
-    elif curated_now or rescored or not scorecard_path.is_file():
+    elif curated_now or rescored or not scorecard_path.is_file() or _scored_another_version(audit_home):
         log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
         execute("score_vendors")
     elif answers_changed(audit_home):
@@ -158,6 +206,20 @@ def _audit_locked(home: Path, retrain: bool, debug: bool) -> AuditRun:
     else:
         log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
     return AuditRun(pd.read_csv(scorecard_path), summary())
+
+
+def _scored_another_version(audit_home) -> bool:
+    """Whether the reports were written for another dataset version than the one in curated/ (after
+    ``vendor-audit checkout`` back to the latest, say)."""
+    import json
+
+    from pipelines.resources import DvcRepo
+
+    provenance = audit_home.reports / "provenance.json"
+    if not provenance.is_file() or not (audit_home.root / "curated.dvc").is_file():
+        return False
+    scored = json.loads(provenance.read_text()).get("dataset_version")
+    return scored != DvcRepo(audit_home=audit_home).version_of("curated")
 
 
 def _execute(defs, job_name: str, instance, debug: bool, run_config: dict | None = None, **kwargs) -> None:
@@ -177,7 +239,35 @@ def _execute(defs, job_name: str, instance, debug: bool, run_config: dict | None
     job = defs.resolve_job_def(job_name).with_logger_defs(
         {"console": dg.LoggerDefinition(console, description="console, tracebacks only with --debug")})
     # a job's loggers are only started when the run config names them
-    job.execute_in_process(instance=instance, run_config={**(run_config or {}), "loggers": {"console": {}}}, **kwargs)
+    from pipelines.locks import process_tags, release_abandoned_runs
+
+    release_abandoned_runs(instance)  # a killed run's pool slot would make this one wait forever
+    with _through_dagster_only("ml"):
+        job.execute_in_process(instance=instance, run_config={**(run_config or {}), "loggers": {"console": {}}},
+                               tags={**kwargs.pop("tags", {}), **process_tags()}, **kwargs)
+
+
+@contextmanager
+def _through_dagster_only(*names: str) -> Iterator[None]:
+    """Detach this CLI's own console handlers from these loggers for the block, and stop their lines
+    from reaching the root logger: during a run, Dagster's managed python loggers (``managed_python_loggers``
+    in dagster.yaml) carry them to the run's console logger and event log, and any second handler
+    (ours with --debug, or one a library puts on the root logger) would print each line twice."""
+    detached, propagation = [], {}
+    for name in names:
+        logger = logging.getLogger(name)
+        propagation[name] = logger.propagate
+        logger.propagate = False
+        for handler in [h for h in logger.handlers if getattr(h, "vendor_audit", False)]:
+            logger.removeHandler(handler)
+            detached.append((logger, handler))
+    try:
+        yield
+    finally:
+        for logger, handler in detached:
+            logger.addHandler(handler)
+        for name, propagate in propagation.items():
+            logging.getLogger(name).propagate = propagate
 
 
 def _without_stack_trace(record: logging.LogRecord) -> bool:
@@ -270,7 +360,7 @@ def _simulate(args) -> None:
     from ml.datasets import load_dataset
     from ml.simulate import parse_vendor_rates, simulate_deliveries
 
-    data = load_dataset(args.dataset)
+    data = load_dataset(args.dataset, args.source)
     truth = simulate_deliveries(data, parse_vendor_rates(args.vendors), args.per_vendor, args.home,
                                 seed=args.seed, batch=args.batch, noise=args.noise, ambiguous=args.ambiguous)
     log.info("wrote %d images for %d vendors under %s", len(truth), truth["vendor"].nunique(), args.home / "landing")
@@ -376,13 +466,20 @@ def _run(args) -> int:
     """Exit status 0: all well; 3: the audit finished but some input had problems."""
     from ml.delivery import DeliveryError
 
-    done = audit(args.home, retrain=args.retrain, debug=args.debug)
+    ingest_only = getattr(args, "ingest_only", False)
+    done = audit(args.home, retrain=args.retrain, debug=args.debug, ingest_only=ingest_only)
+    if ingest_only:
+        print("\n".join(format_summary(done.summary)))
+        return 3 if done.summary.input_problems else 0
     if done.scorecard is not None:
         print(with_truth(done.scorecard, args.home).to_string(index=False))
-        print(f"\nreports: {args.home / 'reports'}")
     else:
         print("no scorecard: no delivery is curated yet")
     print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home))))
+    reports = args.home / "reports"
+    if done.scorecard is not None:  # last, where the eye lands: the files to open
+        print(f"\ntables: {reports} (scorecard.csv, label_issues.csv, comparisons.csv)\n"
+              f"report: {reports / 'report.md'}\n        {reports / 'report.html'}")
     if done.summary.input_problems:
         return 3
     if done.scorecard is None:
@@ -391,25 +488,107 @@ def _run(args) -> int:
     return 0
 
 
+def dataset_versions(home: Path) -> list[dict]:
+    """Every dataset version recorded in the home's git, oldest first: ``dataset_version``, ``commit``,
+    ``date``, ``n_images``, ``deliveries`` ({vendor/batch: images}), ``added`` (deliveries new in this
+    version), ``models`` (registered versions trained on it: model_version, head, champion) and
+    ``scorecards`` (audit commits of it: commit, date, subject)."""
+    from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
+
+    audit_home = AuditHome(home=str(home))
+    dvc = DvcRepo(audit_home=audit_home)
+    history = dvc.history()
+    models = _registered_models(MlflowTracking(audit_home=audit_home)) if (home / "mlflow").is_dir() else []
+    versions, before = [], {}
+    for entry in history:
+        if entry["kind"] != "dataset":
+            continue
+        manifest = dvc.manifest(entry["commit"]) or {}
+        deliveries = manifest.get("deliveries", {})
+        version = entry["dataset_version"]
+        versions.append({
+            "dataset_version": version, "commit": entry["commit"], "date": entry["date"],
+            "n_images": manifest.get("n_images", sum(deliveries.values())), "deliveries": deliveries,
+            "added": [key for key in deliveries if key not in before],
+            "models": [m for m in models if m["dataset_version"] == version],
+            "scorecards": [e for e in history if e["kind"] == "audit" and e["dataset_version"] == version],
+        })
+        before = deliveries
+    return versions
+
+
+def _registered_models(tracking) -> list[dict]:
+    """The registered versions of the classifier: model_version, dataset_version, head, champion."""
+    mlflow = tracking.start()
+    client = mlflow.MlflowClient()
+    champion = tracking.champion()
+    found = []
+    for version in client.search_model_versions(f"name='{tracking.registered_model}'"):
+        found.append({"model_version": str(version.version), "dataset_version": version.tags.get("dataset_version", ""),
+                      "head": version.tags.get("head", ""),
+                      "champion": champion is not None and champion["model_version"] == str(version.version)})
+    return sorted(found, key=lambda m: int(m["model_version"]))
+
+
+def _datasets(args) -> int:
+    from pipelines.resources import AuditHome, DvcRepo
+
+    versions = dataset_versions(args.home)
+    if not versions:
+        print(f"no dataset version recorded in {args.home} yet: vendor-audit run --home {args.home} makes the first")
+        return 0
+    current = DvcRepo(audit_home=AuditHome(home=str(args.home))).checked_out_version() or versions[-1]["dataset_version"]
+    for number, version in enumerate(versions, start=1):
+        marker = "  <- in curated/ now" if version["dataset_version"] == current else ""
+        print(f"{number}. dataset {version['dataset_version']}  commit {version['commit'][:8]}  "
+              f"{version['date'][:16].replace('T', ' ')}  {version['n_images']} images, "
+              f"{len(version['deliveries'])} deliveries{marker}")
+        print("   deliveries: " + ", ".join(f"{key} ({n})" + (" new" if key in version["added"] else "")
+                                          for key, n in version["deliveries"].items()))
+        models = [f"v{m['model_version']} {m['head']}" + (" (champion)" if m["champion"] else "")
+                  for m in version["models"]]
+        print("   models trained on it: " + (", ".join(models) or "none"))
+        cards = [f"{c['commit'][:8]} ({c['subject'].split(': ', 1)[1]})" for c in version["scorecards"]]
+        print("   scorecards: " + (", ".join(cards) or "none"))
+    print(f"\nrestore one: vendor-audit checkout --home {args.home} --dataset-version VERSION (a prefix is enough); "
+          f"show a scorecard: git -C {args.home} show COMMIT:reports/scorecard.csv")
+    return 0
+
+
+def _checkout(args) -> int:
+    from pipelines.locks import exclusive
+    from pipelines.resources import AuditHome, DvcRepo
+
+    dvc = DvcRepo(audit_home=AuditHome(home=str(args.home)))
+    with exclusive(args.home / ".locks" / "run.lock", f"the audit of {args.home}"):  # not under a running audit
+        version = dvc.checkout_dataset(args.dataset_version)
+    if dvc.checked_out_version() is None:
+        print(f"dataset {version} (the latest) is in {args.home / 'curated'}; vendor-audit run ingests new deliveries "
+              "again")
+    else:
+        print(f"dataset {version} restored in {args.home / 'curated'}; vendor-audit run --home {args.home} re-scores it "
+              f"(no ingestion while a past version is checked out); vendor-audit checkout --home {args.home} "
+              "--dataset-version latest returns to the latest")
+    return 0
+
+
 def _ui(args) -> None:
-    """Run ``dagster dev`` on the home until it exits or this process gets SIGTERM or SIGINT, which is
+    """Run ``dg dev`` on the home until it exits or this process gets SIGTERM or SIGINT, which is
     forwarded to dagster's whole process group (webserver, daemon, code server); whatever is left of
     the group after a grace period is killed. Exits with dagster's status, or 128 + the signal."""
     import signal
     import subprocess
     import time
 
-    from ml.config import CONFIG_NAME, load_settings
+    from ml.config import load_settings
+    from pipelines.servers import dagster_dev_command
 
     grace = 20.0  # seconds for dagster to shut down its children before SIGKILL
-    if not (args.home / CONFIG_NAME).is_file():  # never create a stray home from a mistyped path
-        raise ValueError(f"{args.home} is not a vendor-audit home (no {CONFIG_NAME}): create one with "
-                         f"vendor-audit simulate --home {args.home} or write its settings file")
+    require_home(args.home, settings_file=True)  # never create a stray home from a mistyped path
     load_settings(args.home)
     open_instance(args.home)
-    env = dict(os.environ, VENDOR_AUDIT_HOME=str(args.home), DAGSTER_HOME=str(args.home / "dagster"))
-    command = [sys.executable, "-m", "dagster", "dev", "-m", "pipelines.definitions", "-h", args.host,
-               "-p", str(args.port)]
+    command, home_env = dagster_dev_command(args.home, args.port, args.host)
+    env = dict(os.environ, **home_env)
     started: list[subprocess.Popen] = []
     received: list[tuple[int, float]] = []  # (signal, when)
 
@@ -559,32 +738,66 @@ def _screenshots(args) -> None:
         log.info("wrote %s", path)
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: ``off`` for a flag, the value otherwise, unless the
+    help already says it (a default that depends on something else, or none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or isinstance(action, (argparse._HelpAction,
+                                                                                 argparse._VersionAction)):
+            return text
+        if action.nargs == 0:  # a flag: store_true, or --debug whose default is SUPPRESS after the command
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), or ``unknown`` when run from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vendor-audit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.",
+                                     formatter_class=_HelpWithDefaults,
                                      epilog="exit status: 0 all well; 1 infrastructure failure (tracking store, DVC, "
                                             "model files); 2 usage, settings or input error that stopped the run; "
                                             "3 the audit finished but some input had problems")
     debug_help = "show tracebacks and DEBUG logs"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
+                        help="show the version and exit")
     # also accepted after the command; SUPPRESS keeps a --debug given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, parents=[common])
+        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common],
+                           formatter_class=_HelpWithDefaults)
         p.add_argument("--home", type=lambda s: Path(s).expanduser().resolve(), default=default_home(),
-                       help="data home: landing/, curated data, DVC, MLflow, Dagster, reports/ (default: $VENDOR_AUDIT_HOME or ./home)")
+                       help="data home: landing/, curated data, DVC, MLflow, Dagster, reports/ "
+                            "(default: $VENDOR_AUDIT_HOME or ./home)")
         return p
 
     for name, help_text in (("simulate", "write simulated vendor deliveries with known wrong labels"),
                             ("demo", "simulate the reference case and run the audit")):
         p = add(name, help_text)
-        p.add_argument("--dataset", choices=["fashion-mnist", "digits"], default="fashion-mnist")
-        p.add_argument("--vendors", default=DEFAULT_VENDORS, help="name=error_rate,... (default %(default)s)")
-        p.add_argument("--per-vendor", type=int, default=2000)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--batch", default="batch-001")
+        p.add_argument("--dataset", choices=["fashion-mnist", "digits", "cifar10"], default="fashion-mnist",
+                       help="source of the images and their true labels (cifar10: photos)")
+        p.add_argument("--source", type=Path, default=None, metavar="PATH",
+                       help="cifar10 only: an .npz with images uint8 (N, 32, 32, 3) and labels (default: $CIFAR10_NPZ, "
+                            "else torchvision's downloader where there is internet)")
+        p.add_argument("--vendors", default=DEFAULT_VENDORS,
+                       help="vendors and the share of their labels made wrong: name=error_rate,...")
+        p.add_argument("--per-vendor", type=int, default=2000, metavar="N", help="images delivered by each vendor")
+        p.add_argument("--seed", type=int, default=0, help="random seed of the draw of images and wrong labels")
+        p.add_argument("--batch", default="batch-001", help="batch name of the deliveries (landing/<vendor>/<batch>)")
         p.add_argument("--noise", choices=["uniform", "pairs"], default="uniform",
                        help="wrong labels: any other class, or swaps of confusable class pairs")
         p.add_argument("--ambiguous", type=float, default=0.0,
@@ -592,52 +805,62 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "demo":
             p.add_argument("--checks", type=int, default=None, metavar="N",
                            help="then plan N hand checks per vendor, answer them from the simulated truth "
-                                "(checks/demo.csv) and run again")
+                                "(checks/demo.csv) and run again (default: none, no hand checks)")
     p = add("run", "ingest new deliveries and audit the vendors")
     p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
+    p.add_argument("--ingest-only", action="store_true",
+                   help="only ingest new deliveries and version the data with DVC, no scoring (the ingest stage "
+                        "of the home's dvc.yaml)")
     p = add("plan", "draw the next hand-check plan: reports/check_plan.csv and check_plan.md list the images to check")
     size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--budget", type=float, metavar="N", help="expected checks per vendor in this plan")
+    size.add_argument("--budget", type=float, metavar="N",
+                      help="expected checks per vendor in this plan (no default: --budget or --halfwidth is required)")
     size.add_argument("--halfwidth", type=float, metavar="H",
-                      help="per vendor, the checks expected to give a 95%% interval of +-H (e.g. 0.02)")
+                      help="per vendor, the checks expected to give a 95%% interval of +-H, e.g. 0.02 "
+                           "(no default: --budget or --halfwidth is required)")
+    add("datasets", "list the dataset versions recorded in the home's git: deliveries, images, models, scorecards")
+    p = add("checkout", "restore a past dataset version in curated/ (git restore of curated.dvc, then dvc checkout)")
+    p.add_argument("--dataset-version", required=True, metavar="VERSION",
+                   help="a version listed by vendor-audit datasets (a unique prefix is enough), or latest "
+                        "(no default: required)")
     p = add("bench", "benchmark the estimates against the truth and cleanlab; writes BENCHMARKS.md")
     p.add_argument("--scenarios", default="A,B,C,D,E,W,S500,S100,L",
-                   help="comma-separated scenario keys (default %(default)s; see BENCHMARKS.md)")
-    p.add_argument("--seeds", type=int, default=10)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax")
-    p.add_argument("--bootstrap", type=int, default=100)
+                   help="comma-separated scenario keys (see BENCHMARKS.md)")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds of each training")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per fold (20 on digits)")
+    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="classifier head")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits behind each interval")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench section is replaced (created if missing)")
     p = add("bench-checks", "benchmark hand checks: the combined estimate per budget against uniform checks alone")
-    p.add_argument("--scenarios", default="A,B,C,D,W",
-                   help="comma-separated scenario keys of vendor-audit bench (default %(default)s)")
-    p.add_argument("--budgets", default="25,50,100,200", help="checks per vendor (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario (default %(default)s)")
-    p.add_argument("--draws", type=int, default=20, help="check plans drawn per seed and budget (default %(default)s)")
-    p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench (default %(default)s)")
-    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax",
-                   help="as in vendor-audit bench (default %(default)s)")
+    p.add_argument("--scenarios", default="A,B,C,D,W", help="comma-separated scenario keys of vendor-audit bench")
+    p.add_argument("--budgets", default="25,50,100,200", help="checks per vendor, comma-separated")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
+    p.add_argument("--draws", type=int, default=20, help="check plans drawn per seed and budget")
+    p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench")
+    p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench")
+    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="as in vendor-audit bench")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-checks section is replaced (created if missing)")
     p = add("bench-incremental", "time new-batch scoring against full re-runs as batches accumulate")
-    p.add_argument("--checkpoints", default="1,5,20")
-    p.add_argument("--per-batch", type=int, default=2000)
-    p.add_argument("--full-up-to", type=int, default=20, help="largest checkpoint that also times a full re-run")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--heads", default="softmax,l2softmax")
+    p.add_argument("--checkpoints", default="1,5,20",
+                   help="numbers of deliveries already in when a new one is timed, comma-separated")
+    p.add_argument("--per-batch", type=int, default=2000, metavar="N", help="images in each simulated delivery")
+    p.add_argument("--full-up-to", type=int, default=20, metavar="N",
+                   help="largest checkpoint that also times a full re-run")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of each training")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per fold")
+    p.add_argument("--heads", default="softmax,l2softmax", help="classifier heads trained, comma-separated")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-incremental section is replaced (created if missing)")
     p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
-    p.add_argument("--out", type=Path, default=Path("docs/img"))
-    for name, help_text, port in (("ui", "start the Dagster UI (dagster dev) on this home", 3000),
+    p.add_argument("--out", type=Path, default=Path("docs/img"), help="folder the PNG files are written to")
+    for name, help_text, port in (("ui", "start the Dagster UI (dg dev: webserver and daemon) on this home", 3000),
                                   ("mlflow-ui", "start the MLflow UI on this home's tracking store", 5000)):
         p = add(name, help_text)
-        p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--host", default="127.0.0.1", help="address the server listens on")
+        p.add_argument("--port", type=int, default=port, help="port the server listens on")
     return parser
 
 
@@ -697,10 +920,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.store import ModelFileError
 
     input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
-    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "bench": _bench,
+    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "datasets": _datasets,
+                "checkout": _checkout, "bench": _bench,
                 "bench-incremental": _bench_incremental, "bench-checks": _bench_checks, "screenshots": _screenshots, "ui": _ui,
                 "mlflow-ui": _mlflow_ui}
     try:
+        if args.command in NEEDS_HOME:
+            require_home(args.home)
         status = commands[args.command](args)
     except (*input_errors, ValueError, FileNotFoundError) as exc:
         return _error(args, str(exc), 2)

@@ -15,7 +15,8 @@ from assets.scorecard import vendor_scorecard
 from assets.scoring import batch_scores, label_issues
 from assets.training import cv_models
 from pipelines.automation import (
-    audit_job, checks_sensor, delivery_sensor, ingest_job, nightly_schedule, score_job, scorecard_refresh_sensor,
+    audit_job, checks_sensor, delivery_sensor, ingest_job, nightly_schedule, score_job, scorecard_automation,
+    scorecard_refresh_sensor,
 )
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
@@ -26,7 +27,7 @@ def build_definitions(home: str | None = None) -> dg.Definitions:
         assets=[vendor_delivery, curated_dataset, hand_checks, cv_models, batch_scores, label_issues,
                 vendor_scorecard],
         jobs=[ingest_job, score_job, audit_job],
-        sensors=[delivery_sensor, scorecard_refresh_sensor, checks_sensor],
+        sensors=[delivery_sensor, scorecard_refresh_sensor, checks_sensor, scorecard_automation],
         schedules=[nightly_schedule],
         resources={
             "audit_home": audit_home,

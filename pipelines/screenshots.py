@@ -21,6 +21,8 @@ from pipelines.servers import (
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--window-size=1600,1000"]
+COMMUNITY_POPUP_KEY = "communityNux"  # localStorage key of the Dagster UI's community dialog
+COMMUNITY_POPUP_TEXT = "Join the Dagster community"
 LINEAGE_NAMES = ("vendor_delivery", "batch_scores", "curated_dataset", "cv_models", "label_issues", "vendor_scorecard")
 
 
@@ -74,13 +76,19 @@ class Browser:
         stop_group(self.process)
 
 
-def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0, focus: str = "") -> str:
+def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0, focus: str = "",
+            absent: tuple[str, ...] = ()) -> str:
     """Screenshot ``url`` into ``png`` once every expected name shows (pop-ups skipped), with the element
-    whose text is ``focus`` scrolled to the middle when given; return the page text."""
+    whose text is ``focus`` scrolled to the middle when given; return the page text. Fails when a text
+    of ``absent`` (a pop-up's) is on the page."""
     with tempfile.TemporaryDirectory() as profile:
         browser = Browser(profile)
         try:
             browser.call("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
+            # the Dagster UI's community pop-up stays closed once this key is set (what its dismiss
+            # button stores); a home's dagster.yaml written by vendor-audit also turns it off (nux)
+            browser.call("Page.addScriptToEvaluateOnNewDocument",
+                         source=f"try {{ localStorage.setItem('{COMMUNITY_POPUP_KEY}', '1'); }} catch (e) {{}}")
             browser.call("Page.navigate", url=url)
             deadline = time.monotonic() + 60
             text = ""
@@ -107,6 +115,9 @@ def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0,
     missing = [name for name in expected if name not in text]
     if missing:
         raise RuntimeError(f"{url} does not show {missing} (screenshot kept at {png})")
+    covering = [name for name in absent if name in text]
+    if covering:
+        raise RuntimeError(f"{url} shows {covering} over the page (screenshot kept at {png})")
     return text
 
 
@@ -119,7 +130,7 @@ def take_screenshots(home: Path, out: Path, logs: Path) -> list[Path]:
     command, env = dagster_dev_command(home, port)
     with running(command, f"http://127.0.0.1:{port}/server_info", env, logs / "dagster.log", timeout=180):
         png = out / "dagster-asset-lineage.png"
-        capture(f"http://127.0.0.1:{port}/asset-groups", png, LINEAGE_NAMES)
+        capture(f"http://127.0.0.1:{port}/asset-groups", png, LINEAGE_NAMES, absent=(COMMUNITY_POPUP_TEXT,))
         shots.append(png)
     port = free_port()
     command, env = mlflow_server_command(home, port)

@@ -37,8 +37,11 @@ def mlflow_server_command(home: Path, port: int, host: str = "127.0.0.1") -> tup
 
 
 def dagster_dev_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
-    """``dagster dev`` with the project's workspace.yaml, on a home's Dagster instance."""
-    command = [sys.executable, "-m", "dagster", "dev", "-w", str(WORKSPACE), "-h", host, "-p", str(port)]
+    """``dg dev`` (webserver, daemon and code server; the entry point that supersedes ``dagster dev``)
+    with the project's workspace.yaml, on a home's Dagster instance."""
+    dg_cli = Path(sys.executable).with_name("dg")
+    launcher = [str(dg_cli)] if dg_cli.is_file() else [sys.executable, "-c", "from dagster_dg_cli.cli import main; main()"]
+    command = [*launcher, "dev", "-w", str(WORKSPACE), "-h", host, "-p", str(port)]
     return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from ml.files import atomic_write_bytes
-from ml.train import FoldEnsemble, SmallCNN, member_for_content, score_out_of_sample
+from ml.train import FoldEnsemble, ensemble_from_payload, ensemble_payload, member_for_content, score_out_of_sample
 
 
 class ModelFileError(RuntimeError):
@@ -70,12 +70,7 @@ def load_selection(models_dir: Path, dataset_version: str) -> dict | None:
 def save_ensemble(models_dir: Path, dataset_version: str, head: str, ensemble: FoldEnsemble,
                   classes: tuple[str, ...]) -> Path:
     """The fold models' weights and shape, as plain tensors and strings (no pickled code)."""
-    first = ensemble.members[0]
-    payload = {
-        "classes": list(classes), "head": head, "l2_scale": float(first.l2_scale),
-        "in_channels": int(first.features[0][0].in_channels),
-        "members": [m.state_dict() for m in ensemble.members],
-    }
+    payload = ensemble_payload(ensemble, classes, head)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     path = models_dir / dataset_version / f"ensemble-{head}.pt"
@@ -92,16 +87,12 @@ def load_ensemble(models_dir: Path, dataset_version: str, head: str, classes: tu
         if list(payload["classes"]) != list(classes):
             raise ModelFileError(f"{path}: the model's classes {payload['classes']} differ from the taxonomy "
                                  f"{list(classes)}; retrain (vendor-audit run --retrain)")
-        members = []
-        for state in payload["members"]:
-            model = SmallCNN(payload["in_channels"], len(classes), payload["head"], payload["l2_scale"])
-            model.load_state_dict(state)
-            members.append(model.eval())
+        ensemble = ensemble_from_payload(payload, len(classes))
     except ModelFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to read the weights means the same to the user
         raise ModelFileError(f"{path}: cannot load the model ({exc.__class__.__name__}: {exc})") from exc
-    return FoldEnsemble(members).eval()
+    return ensemble
 
 
 def score_new_delivery(ensemble: FoldEnsemble, rows: pd.DataFrame, images: np.ndarray, trained: ModelOutputs,

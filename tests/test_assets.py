@@ -5,9 +5,10 @@ import pandas as pd
 
 from assets.dataset import curated_dataset
 from assets.ingestion import vendor_delivery
+from assets.scoring import batch_scores
 from pipelines.automation import delivery_sensor
 from pipelines.definitions import build_definitions
-from pipelines.resources import AuditHome, DvcRepo
+from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
 
 def test_ingestion_asset_writes_curated_rows_and_passes_its_checks(small_home):
@@ -132,3 +133,58 @@ def test_sensor_logs_ignored_landing_folders(small_home, capsys):
     logged = capsys.readouterr().err
     assert "landing/Acme Corp ignored: name may only contain letters, digits, - and _" in logged
     assert "landing/README.txt ignored: a file where a vendor folder is expected" in logged
+
+
+def test_rows_reconcile_blocks_downstream_assets_when_rows_are_unaccounted_for(small_home):
+    """A quarantine file that lost its rows after ingestion: the re-run's count no longer reconciles
+    with the delivery's record, and the blocking check stops batch_scores from running."""
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["b.batch-001"])
+    labels = small_home / "landing" / "b" / "batch-001" / "labels.csv"
+    labels.write_text(labels.read_text() + "images/none.png,7\n")  # one row quarantined
+    home = AuditHome(home=str(small_home))
+    resources = {"audit_home": home, "mlflow_tracking": MlflowTracking(audit_home=home)}
+    assets = [vendor_delivery, batch_scores]
+    first = dg.materialize(assets, partition_key="b.batch-001", instance=instance, resources=resources)
+    assert first.success and first.asset_materializations_for_node("batch_scores")
+    quarantine = small_home / "quarantine" / "b" / "batch-001.csv"
+    quarantine.write_text(quarantine.read_text().splitlines()[0] + "\n")  # the header only: one row lost
+    again = dg.materialize(assets, partition_key="b.batch-001", instance=instance, resources=resources,
+                           raise_on_error=False)
+    check = {c.check_name: c for c in again.get_asset_check_evaluations()}["rows_reconcile"]
+    assert not check.passed and check.metadata["quarantined"].value == 0 and check.metadata["delivered"].value == 61
+    assert "1 rows unaccounted for" in check.description
+    assert not again.success
+    assert not again.asset_materializations_for_node("batch_scores")  # blocked: the step never ran
+    assert "batch_scores" not in {e.step_key for e in again.all_events if e.event_type_value == "STEP_START"}
+
+
+def test_scorecard_is_requested_declaratively_when_label_issues_updates(tmp_path):
+    """vendor_scorecard is eager: nothing to do while label_issues is missing, one request once it is
+    materialized (by any run, or reported), none again until it updates again."""
+    defs = build_definitions(str(tmp_path))
+    instance = dg.DagsterInstance.ephemeral()
+    scorecard = dg.AssetKey("vendor_scorecard")
+    first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert first.get_num_requested(scorecard) == 0  # its input is missing
+    instance.report_runless_asset_event(dg.AssetMaterialization("label_issues"))
+    second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+    assert second.get_num_requested(scorecard) == 1
+    assert second.total_requested == 1  # only the scorecard carries a condition
+    third = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=second.cursor)
+    assert third.get_num_requested(scorecard) == 0
+    sensor = defs.resolve_sensor_def("scorecard_automation")
+    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED  # automation is off until turned on
+
+
+def test_pools_are_declared_in_code_and_set_on_the_home_instance(tmp_path):
+    from pipelines.cli import open_instance
+    from pipelines.locks import POOL_LIMITS
+
+    defs = build_definitions(str(tmp_path))
+    graph = defs.resolve_asset_graph()
+    pools = {key.to_user_string(): graph.get(key).pools for key in graph.get_all_asset_keys()}
+    assert pools["cv_models"] == {"training"}
+    assert pools["curated_dataset"] == pools["hand_checks"] == pools["vendor_scorecard"] == {"dvc"}
+    storage = open_instance(tmp_path).event_log_storage
+    assert {p.name: p.limit for p in storage.get_pool_limits()} == POOL_LIMITS == {"dvc": 1, "training": 1}

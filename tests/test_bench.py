@@ -73,3 +73,21 @@ def test_late_deliveries_read_like_their_originals(tmp_path):
     assert run["figures"][("before", "c", "-copy")]["difference"] < -0.05  # read back the labels it learned
     summary = summarize_late(scenario, [run])
     assert "| byte copy | now | 0.0 / 0.0 / 0.0 |" in format_late_table(summary)
+
+
+def test_a_photo_scenario_trains_a_probe_on_cached_backbone_features(tmp_path, monkeypatch):
+    """A photo scenario names its backbone and training mode; its features are cached by content."""
+    from ml.datasets import load_digits_upscaled
+
+    digits = load_digits_upscaled()
+    photos = np.repeat(digits.images[:, :, :, None], 3, axis=3)  # colour photos of the digits
+    npz = tmp_path / "photos.npz"
+    np.savez(npz, images=photos, labels=digits.labels, classes=np.array(digits.classes))
+    monkeypatch.setenv("CIFAR10_NPZ", str(npz))
+    scenario = Scenario("Ptest", "digit photos; efficientnet_lite0 probe", "cifar10", {"a": 0.0, "b": 0.2}, 150,
+                        backbone="efficientnet_lite0", training="probe")
+    config = BenchConfig(seeds=1, folds=2, bootstrap=10, cache=tmp_path / "cache")
+    run = run_seed(scenario, 0, config)
+    assert run["top1"] > 0.6  # pretrained features separate the digits far above chance (0.1)
+    assert len(list((tmp_path / "cache").glob("Ptest-s0-*-efficientnet_lite0-probe.npz"))) == 1
+    assert any((tmp_path / "cache" / "features").rglob("*"))

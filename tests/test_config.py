@@ -145,3 +145,24 @@ def test_the_cli_stops_on_an_invalid_setting_before_any_work(tmp_path, capsys):
     assert f"{home / CONFIG_NAME}: 'learning_rate' must be a number" in err and "'0,002'" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in home.iterdir()) == [CONFIG_NAME]  # nothing started: no instance, no lock
+
+
+def test_backbone_weights_and_training_default_to_auto(tmp_path):
+    settings = _load(tmp_path, "classes: [cat, dog]\n")
+    assert (settings.backbone, settings.weights, settings.training) == ("auto", "auto", "auto")
+    chosen = _load(tmp_path, "classes: [cat, dog]\nbackbone: resnet50\nweights: IMAGENET1K_V2\ntraining: finetune\n")
+    assert (chosen.backbone, chosen.weights, chosen.training) == ("resnet50", "IMAGENET1K_V2", "finetune")
+    local = _load(tmp_path, "classes: [cat, dog]\nbackbone: resnet18\nweights: /models/resnet18-ours.pt\n")
+    assert local.weights == "/models/resnet18-ours.pt"  # a path: checked when the weights are loaded
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("backbone: resnet81\n", r"'backbone' is unknown: .*did you mean resnet18.*mobilenet_v2.*\(got 'resnet81'\)"),
+    ("backbone: resnet18\nweights: IMAGENET9\n", r"'weights' does not suit backbone 'resnet18'.*DEFAULT, IMAGENET1K_V1"),
+    ("backbone: efficientnet_lite0\nweights: IMAGENET1K_V2\n", r"'weights'.*packaged"),
+    ("backbone: small_cnn\ntraining: probe\n", r"'training' probe needs a pretrained backbone"),
+    ("training: fast\n", r"'training' must be probe, finetune or auto"),
+    ("weights: ''\n", r"'weights' must be auto, none"),
+])
+def test_backbone_settings_errors_list_the_valid_names(tmp_path, text, reason):
+    assert __import__("re").search(reason, _error(tmp_path, "classes: [cat, dog]\n" + text))

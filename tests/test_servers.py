@@ -63,9 +63,11 @@ def test_dagster_webserver_shows_lineage_partitions_sensor_and_schedule(audited_
         assert {"a.batch-001", "b.batch-001", "c.batch-001"} <= set(nodes["vendor_delivery"]["partitionKeys"])
         repository = data["workspaceOrError"]["locationEntries"][0]["locationOrLoadError"]["repositories"][0]
         assert {s["name"] for s in repository["sensors"]} == {"delivery_sensor", "scorecard_refresh_sensor",
-                                                              "checks_sensor"}
+                                                              "checks_sensor", "scorecard_automation"}
         assert repository["schedules"] == [{"name": "nightly_audit", "cronSchedule": "0 2 * * *"}]
     assert server.poll() is not None
+    log = (tmp_path / "dagster.log").read_text()
+    assert "superseded" not in log.lower() and "Serving dagster-webserver" in log  # dg dev: no deprecation warning
 
 
 def test_screenshots_show_the_lineage_and_the_run_comparison(audited_home, tmp_path):
@@ -122,13 +124,3 @@ def _group_exists(pgid: int) -> bool:
     except ProcessLookupError:
         return False
 
-
-def test_ui_refuses_a_home_that_does_not_exist(tmp_path, capsys):
-    from pipelines.cli import main
-
-    home = tmp_path / "typo"
-    assert main(["ui", "--home", str(home)]) == 2
-    assert capsys.readouterr().err == (
-        f"vendor-audit: error: {home} is not a vendor-audit home (no vendor-audit.yaml): "
-        f"create one with vendor-audit simulate --home {home} or write its settings file\n")
-    assert not home.exists()

@@ -45,3 +45,122 @@ def test_random_shift_moves_pixels_without_scaling():
     x[0, 0, 4, 4] = 1.0
     moved = random_shift(x, 2, torch.Generator().manual_seed(0))
     assert moved.sum() == 1.0
+
+
+# ---- probe and fine-tune ------------------------------------------------------------------------
+
+import io  # noqa: E402
+
+from ml.backbones import load_backbone  # noqa: E402
+from ml.train import (  # noqa: E402
+    FinetuneEnsemble, ProbeEnsemble, cross_validate_probe, ensemble_from_payload, ensemble_payload,
+    fold_splits, generalized_cross_entropy, resolve_training, score_out_of_sample, train_folds,
+)
+
+
+def _clusters(n: int, k: int, dim: int, noise: float, seed: int = 0):
+    """Features (n, dim) in k separated clusters, the true classes and labels with ``noise`` wrong."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, k, n)
+    centres = rng.normal(0, 1, (k, dim)) * 3
+    features = (centres[truth] + rng.normal(0, 1, (n, dim))).astype(np.float32) * 5 + 7  # unstandardised
+    given = truth.copy()
+    wrong = rng.choice(n, int(noise * n), replace=False)
+    given[wrong] = (truth[wrong] + rng.integers(1, k, len(wrong))) % k
+    return features, truth, given
+
+
+def test_probe_learns_through_noisy_labels():
+    features, truth, given = _clusters(600, 4, 32, noise=0.2)
+    result = cross_validate_probe(features, given, 4, TrainConfig(folds=3, seed=0))
+    assert result.probs.shape == (600, 4) and result.embeddings.shape == (600, 128)
+    np.testing.assert_allclose(np.linalg.norm(result.embeddings, axis=1), 1, atol=1e-4)
+    assert result.accuracy(truth) > 0.95  # wrong labels are not learned
+    assert result.stats["training"] == "probe" and result.stats["train_images_per_s"] > 0
+
+
+def test_probe_folds_never_see_their_own_images():
+    # pure noise features with random labels: a head that saw its held-out images would beat chance
+    rng = np.random.default_rng(0)
+    features = rng.normal(0, 1, (400, 64)).astype(np.float32)
+    labels = rng.integers(0, 4, 400)
+    result = cross_validate_probe(features, labels, 4, TrainConfig(folds=4, seed=0))
+    assert result.accuracy(labels) < 0.34
+    # each fold's standardisation was fitted on its training images only
+    for head, (train_idx, test_idx) in zip(result.models, fold_splits(labels, 4, 4, 0)):
+        assert np.allclose(head.mean.numpy(), features[train_idx].mean(axis=0), atol=1e-5)
+        assert not np.allclose(head.mean.numpy(), features.mean(axis=0), atol=1e-4)
+        assert (result.fold[test_idx] == result.fold[test_idx[0]]).all()
+
+
+def test_generalized_cross_entropy_counts_a_confident_wrong_label_less_than_cross_entropy():
+    logits = torch.tensor([[6.0, 0.0, 0.0]])
+    wrong = torch.tensor([1])
+    gce = generalized_cross_entropy(logits, wrong, 0.7)
+    assert 0 < gce < 1 / 0.7 < torch.nn.functional.cross_entropy(logits, wrong)
+
+
+def _photos(n: int, seed: int = 0):
+    """Tiny colour images of two kinds (reddish horizontal stripes, bluish vertical) and their classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 60, (n, 16, 16, 3)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        if c == 0:
+            images[i, ::4, :, 0] = 250
+        else:
+            images[i, :, ::4, 2] = 250
+    return images, labels
+
+
+def test_probe_on_efficientnet_lite0_features_end_to_end(tmp_path):
+    images, labels = _photos(24)
+    config = TrainConfig(folds=2, backbone="efficientnet_lite0", weights="auto", training="probe", batch_size=8)
+    backbone = load_backbone("efficientnet_lite0", "auto")
+    backbone.input_size = 64
+    result = train_folds(images, labels, 2, config, feature_cache=tmp_path, backbone=backbone)
+    assert result.accuracy(labels) >= 0.9  # pretrained features tell stripes apart at once
+    assert result.stats["backbone"] == "efficientnet_lite0" and result.stats["features_computed"] == 24
+    again = train_folds(images, labels, 2, config, feature_cache=tmp_path, backbone=backbone)
+    assert again.stats["features_computed"] == 0 and again.stats["features_cached"] == 24
+    np.testing.assert_allclose(again.probs, result.probs, atol=1e-6)  # same features, same seed
+
+    ensemble = result.ensemble
+    assert isinstance(ensemble, ProbeEnsemble)
+    buffer = io.BytesIO()
+    torch.save(ensemble_payload(ensemble, ("h", "v"), "softmax"), buffer)
+    loaded = ensemble_from_payload(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), 2, tmp_path)
+    payload = ensemble_payload(ensemble, ("h", "v"), "softmax")
+    stored = sum(t.numel() for member in payload["members"] for t in member.values())
+    assert stored < 2 * 200_000  # the heads only: the backbone is rebuilt from its name and weights setting
+    member = result.fold.copy()
+    probs, embeddings = score_out_of_sample(loaded, images, member)
+    np.testing.assert_allclose(probs, result.probs, atol=1e-5)  # a later image scored like out-of-fold
+    assert embeddings.shape == (24, 128)
+    with torch.no_grad():
+        assert ensemble(torch.from_numpy(images[:3])).shape == (3, 2)
+
+
+def test_finetune_runs_on_the_cpu_on_a_few_images():
+    images, labels = _photos(12)
+    config = TrainConfig(folds=2, epochs=1, batch_size=4, backbone="mobilenet_v3_small", weights="none",
+                         training="finetune")
+    backbone = load_backbone("mobilenet_v3_small", "none")
+    backbone.input_size = 32
+    result = train_folds(images, labels, 2, config, device=torch.device("cpu"), backbone=backbone)
+    assert result.probs.shape == (12, 2) and np.allclose(result.probs.sum(axis=1), 1)
+    assert result.stats["training"] == "finetune" and result.stats["device"] == "cpu"
+    assert result.stats["train_images_per_s"] > 0 and result.stats["peak_memory_mb"] > 0
+    assert isinstance(result.ensemble, FinetuneEnsemble)
+    buffer = io.BytesIO()
+    torch.save(ensemble_payload(result.ensemble, ("h", "v"), "softmax"), buffer)
+    loaded = ensemble_from_payload(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), 2)
+    probs, _ = score_out_of_sample(loaded, images, result.fold)
+    np.testing.assert_allclose(probs, result.probs, atol=1e-4)
+
+
+def test_training_mode_auto_is_probe_on_a_cpu_and_scratch_for_the_small_cnn():
+    assert resolve_training("auto", "efficientnet_lite0", torch.device("cpu"))[0] == "probe"
+    assert resolve_training("auto", "resnet50", torch.device("cuda"))[0] == "finetune"
+    assert resolve_training("probe", "resnet50", torch.device("cuda"))[0] == "probe"
+    assert resolve_training("auto", "small_cnn", torch.device("cuda"))[0] == "scratch"

@@ -1,0 +1,101 @@
+"""The command line itself: help and defaults, --version, a missing home, log lines printed once."""
+
+import argparse
+import logging
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from pipelines.cli import NEEDS_HOME, _console_logging, _execute, build_parser, main, open_instance
+
+CLI = Path(sys.executable).with_name("vendor-audit")
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _option_entries(help_text: str) -> dict[str, str]:
+    """Each option of a --help text with its whole help (continuation lines joined)."""
+    entries, current = {}, None
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if match := re.match(r"\s{2}(-[-\w]+)", line):
+            current = match.group(1)
+            entries[current] = line
+        elif current and line.startswith(" " * 6):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_version_is_the_installed_package_version():
+    done = subprocess.run([str(CLI), "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"vendor-audit {version('vendor-audit')}"
+
+
+def test_help_of_every_command_names_a_default_for_each_option():
+    commands = _subparsers(build_parser())
+    assert {"simulate", "demo", "run", "plan", "datasets", "checkout", "ui", "mlflow-ui"} <= set(commands)
+    for name, parser in commands.items():
+        entries = _option_entries(parser.format_help())
+        options = {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+        assert options <= set(entries), (name, options - set(entries))
+        for option in options:
+            assert "default" in entries[option], f"vendor-audit {name} --help: {entries[option]!r} names no default"
+    assert "(default: ./home" not in commands["run"].format_help()  # the home's default is explained, not resolved
+
+
+def test_help_runs_as_a_command():
+    done = subprocess.run([str(CLI), "run", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--retrain" in done.stdout and "(default: off)" in done.stdout
+
+
+@pytest.mark.parametrize("command", NEEDS_HOME)
+def test_a_missing_home_is_a_usage_error_naming_the_command_that_creates_one(command, tmp_path, capsys):
+    home = tmp_path / "typo"
+    extra = {"plan": ["--budget", "5"], "checkout": ["--dataset-version", "1"]}.get(command, [])
+    assert main([command, "--home", str(home), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vendor-audit: error: {home}: no such vendor-audit home")
+    assert f"vendor-audit simulate --home {home}" in err and f"vendor-audit demo --home {home}" in err
+    assert not home.exists()
+
+
+def test_ui_refuses_a_folder_without_settings_and_creates_nothing(tmp_path, capsys):
+    assert main(["ui", "--home", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a vendor-audit home (no vendor-audit.yaml)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_library_log_lines_print_once_during_a_run(tmp_path, capfd):
+    """With --debug the CLI prints ml's lines itself; during a Dagster run the managed python loggers
+    (dagster.yaml) carry them to the run's console logger, so its own handler must step aside."""
+
+    @dg.op
+    def probe() -> None:
+        logging.getLogger("ml.probe").info("probe line from the library")
+
+    @dg.job
+    def probe_job():
+        probe()
+
+    _console_logging("ml", level=logging.DEBUG)
+    root = logging.getLogger()
+    library_handler = logging.StreamHandler(sys.stderr)  # as a library configuring the root logger would
+    root.addHandler(library_handler)
+    try:
+        instance = open_instance(tmp_path)
+        _execute(dg.Definitions(jobs=[probe_job]), "probe_job", instance, debug=True)
+    finally:
+        root.removeHandler(library_handler)
+    assert capfd.readouterr().err.count("probe line from the library") == 1
+    logging.getLogger("ml.probe").info("outside a run")  # the CLI's handler is back after the run
+    assert capfd.readouterr().err.count("outside a run") == 1
