@@ -37,13 +37,27 @@ def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, tor
     return choice.name, choice.weights, mode, device
 
 
+def log_dataset_input(mlflow, rows, dataset_version: str, source: str) -> None:
+    """The curated dataset as the run's input (MLflow's Dataset column): its rows (image_id, vendor,
+    batch, label), named by the DVC version as digest and the DVC remote as source."""
+    import mlflow.data
+
+    frame = rows[["image_id", "vendor", "batch", "label"]].reset_index(drop=True)
+    dataset = mlflow.data.from_pandas(frame, source=source, name="curated", digest=dataset_version[:36])
+    mlflow.log_input(dataset, context="training")
+
+
 def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np.ndarray, labels: np.ndarray,
                   classes: tuple[str, ...], dataset_version: str, log, feature_cache=None,
-                  backbone=None) -> tuple[CrossValResult, dict, torch.nn.Module]:
-    """Cross-validate one head inside an MLflow run; log params, per-fold/epoch metrics, device, backbone,
-    training mode, throughput and peak memory, and the model."""
+                  backbone=None, dataset=None) -> tuple[CrossValResult, dict, torch.nn.Module]:
+    """Cross-validate one head inside an MLflow run; log params, per-fold/epoch metrics (folds 1..K),
+    device, backbone, training mode, throughput and peak memory, the dataset input (``dataset``: its
+    rows and source, see :func:`log_dataset_input`), and the model."""
     device = pick_device()
     with mlflow.start_run(run_name=f"{config.head}-{dataset_version[:8]}") as run:
+        if dataset is not None:
+            rows, source = dataset
+            log_dataset_input(mlflow, rows, dataset_version, source)
         mlflow.set_tags({"dataset_version": dataset_version, "head": config.head, "device": device.type,
                          "backbone": config.backbone, "weights": config.weights, "training": config.training})
         mlflow.log_params({**asdict(config), "n_images": len(labels), "n_classes": len(classes), "device": device.type})
@@ -53,10 +67,11 @@ def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np
 
         result = train_folds(images, labels, len(classes), config, device=device, on_epoch=on_epoch,
                              feature_cache=feature_cache, backbone=backbone)
-        for fold, accuracy in enumerate(result.fold_accuracy):
-            mlflow.log_metric("heldout_accuracy_fold", accuracy, step=fold)
+        # one metric per fold, beside the overall one: the run comparison view shows them side by side
         heldout_accuracy = result.accuracy(labels)
-        mlflow.log_metric("heldout_accuracy", heldout_accuracy)
+        mlflow.log_metrics({"heldout_accuracy": heldout_accuracy,
+                            **{f"heldout_accuracy_fold{fold}": accuracy
+                               for fold, accuracy in enumerate(result.fold_accuracy, start=1)}})
         mlflow.log_metrics({k: float(v) for k, v in result.stats.items() if isinstance(v, (int, float))})
         mlflow.set_tags({k: str(v) for k, v in result.stats.items() if isinstance(v, str)})
         log.info(f"{config.head}: out-of-fold accuracy {heldout_accuracy:.4f} against the given labels "
@@ -71,7 +86,8 @@ def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np
         client = mlflow.MlflowClient()
         client.set_model_version_tag(registered_model, model_version, "dataset_version", dataset_version)
         client.set_model_version_tag(registered_model, model_version, "head", config.head)
-        client.set_model_version_tag(registered_model, model_version, "backbone", config.backbone)
+        for key, value in {"backbone": config.backbone, "weights": config.weights, "training": config.training}.items():
+            client.set_model_version_tag(registered_model, model_version, key, value)
     return result, {"head": config.head, "run_id": run.info.run_id, "model_version": model_version,
                     "heldout_accuracy": heldout_accuracy, "backbone": config.backbone, "weights": config.weights,
                     "training": config.training}, ensemble
@@ -117,14 +133,16 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
         result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model,
                                               _train_config(settings, head, backbone_name, weights, mode),
                                               images, labels, settings.classes, dataset_version, context.log,
-                                              feature_cache=audit_home.root / "features", backbone=backbone)
+                                              feature_cache=audit_home.root / "features", backbone=backbone,
+                                              dataset=(rows, dvc.version_location(dataset_version)))
         outputs = ModelOutputs(rows["image_id"].to_numpy(), result.probs, result.embeddings, result.fold)
         save_outputs(audit_home.models, dataset_version, head, outputs, run)
         save_ensemble(audit_home.models, dataset_version, head, ensemble, settings.classes)
         runs.append(run)
         predictions[head] = result.probs.argmax(axis=1)
     best = max(runs, key=lambda r: r["heldout_accuracy"])
-    decision = "first model"
+    heads = ", ".join(f"v{r['model_version']} {r['head']} {r['heldout_accuracy']:.4f}" for r in runs)
+    decision = f"no champion before: the best held-out accuracy of this training's heads ({heads})"
     if champion is not None:
         reference, covered = champion_accuracy(audit_home, champion, rows, labels)
         candidate = float((predictions[best["head"]][covered] == labels[covered]).mean())

@@ -35,6 +35,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# called after each epoch with {"fold": 1..K, "epoch": 1..E, "train_loss": ...}: folds count from 1 everywhere
 EpochCallback = Callable[[dict], None]
 
 
@@ -243,7 +244,7 @@ def fit(images: torch.Tensor, labels: torch.Tensor, n_classes: int, config: Trai
         started = time.perf_counter()
         loss = train(model, device, images, labels, optimizer, scheduler, epoch, config, generator)
         seconds = time.perf_counter() - started
-        log.info("head=%s fold=%s epoch %d/%d loss %.4f (%.0f images/s)", config.head, fold, epoch,
+        log.info("head=%s fold %s/%d epoch %d/%d loss %.4f (%.0f images/s)", config.head, fold, config.folds, epoch,
                  config.epochs, loss, len(labels) / max(seconds, 1e-9))
         if on_epoch:
             on_epoch({"fold": fold, "epoch": epoch, "train_loss": loss})
@@ -318,7 +319,7 @@ def cross_validate(images: np.ndarray, labels: np.ndarray, n_classes: int, confi
                  config.folds, len(train_idx), len(test_idx))
         with meter.count(len(train_idx) * config.epochs):
             model = fit(x_all[train_idx], y_all[train_idx], n_classes, config, device,
-                        seed=config.seed * 1000 + fold, on_epoch=on_epoch, fold=fold)
+                        seed=config.seed * 1000 + fold, on_epoch=on_epoch, fold=fold + 1)
         p, e = predict(model, device, x_all[test_idx])
         probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
         accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))
@@ -488,7 +489,8 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, confi
     if best_state is not None:
         head.load_state_dict(best_state)
     head.epochs_run = epoch
-    log.info("head=%s fold=%s: probe stopped after %d epochs (held-back loss %.4f)", config.head, fold, epoch, best)
+    log.info("head=%s fold %s/%d: probe stopped after %d epochs (held-back loss %.4f)", config.head, fold, config.folds,
+             epoch, best)
     return head.eval()
 
 
@@ -532,7 +534,7 @@ def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: in
         started = time.perf_counter()
         with _one_thread():
             head = fit_head(x_all[train_idx], y_all[train_idx], n_classes, config, config.seed * 1000 + fold,
-                            on_epoch, fold)
+                            on_epoch, fold + 1)
         meter.seconds += time.perf_counter() - started
         meter.images += len(train_idx) * head.epochs_run  # images through the head, epoch after epoch
         p, e = predict_features(head, x_all[test_idx])
@@ -666,7 +668,8 @@ def fit_finetune(backbone_factory: Callable[[], nn.Module], images: torch.Tensor
                 scheduler.step()
             total += loss.item() * len(index)
             seen += len(index)
-        log.info("head=%s fold=%s fine-tune epoch %d/%d loss %.4f (%.0f images/s on %s)", config.head, fold, epoch,
+        log.info("head=%s fold %s/%d fine-tune epoch %d/%d loss %.4f (%.0f images/s on %s)", config.head, fold,
+                 config.folds, epoch,
                  config.epochs, total / max(seen, 1), seen / max(time.perf_counter() - started, 1e-9), device.type)
         if on_epoch:
             on_epoch({"fold": fold, "epoch": epoch, "train_loss": total / max(seen, 1)})
@@ -706,7 +709,7 @@ def cross_validate_finetune(images: np.ndarray, labels: np.ndarray, n_classes: i
     for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
         with meter.count(len(train_idx) * config.epochs):
             model = fit_finetune(backbone_factory, x_all[train_idx], y_all[train_idx], n_classes, config, device,
-                                 config.seed * 1000 + fold, on_epoch, fold)
+                                 config.seed * 1000 + fold, on_epoch, fold + 1)
         p, e = predict_images(model, device, x_all[test_idx])
         probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
         accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))

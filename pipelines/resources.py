@@ -258,6 +258,10 @@ class DvcRepo(dg.ConfigurableResource):
         """The DVC remote every dataset version is pushed to (a folder in the home unless set)."""
         return self.remote_url or self.audit_home.settings().dvc_remote or str(self.audit_home.root / "dvc-remote")
 
+    def version_location(self, version: str) -> str:
+        """Where dataset ``version`` (a DVC md5, ``.dir`` for a folder) lies in the remote (DVC 3 layout)."""
+        return f"{self.remote().rstrip('/')}/files/md5/{version[:2]}/{version[2:]}"
+
     def _dvc(self, *args: str) -> str:
         # DVC finds the home's git from its folder, never from a repository named by the environment
         env = dict(_without_git_location(os.environ), DVC_NO_ANALYTICS="1")

@@ -47,10 +47,19 @@ def test_dataset_version_and_mlflow_run_point_at_each_other(audited_home):
     assert sorted(runs["tags.head"]) == ["l2softmax", "softmax"]
     assert provenance["mlflow_run"] in set(runs["run_id"])
     assert runs["metrics.heldout_accuracy"].min() > 0.6
-    assert "metrics.train_loss_fold0" in runs.columns
+    folds = [f"metrics.heldout_accuracy_fold{k}" for k in (1, 2, 3)]  # folds count from 1, beside the overall
+    assert set(folds) | {"metrics.train_loss_fold1"} <= set(runs.columns) and "metrics.train_loss_fold0" not in runs
     client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("vendor-audit")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    inputs = client.get_run(provenance["mlflow_run"]).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [version[:36]]  # the Dataset column: the DVC version
+    source = json.loads(inputs[0].dataset.source)
+    assert (audited_home / "dvc-remote").as_posix() in json.dumps(source) and version[2:] in json.dumps(source)
     versions = client.search_model_versions("name = 'vendor-audit-classifier'")
     assert {v.tags["dataset_version"] for v in versions} == {version}
+    assert {(v.tags["head"], v.tags["backbone"], v.tags["training"]) for v in versions} == {
+        ("softmax", "small_cnn", "scratch"), ("l2softmax", "small_cnn", "scratch")}
     artifacts = [a.path for a in client.list_artifacts(provenance["mlflow_run"], "audit-report")]
     assert "audit-report/scorecard.csv" in artifacts
 
