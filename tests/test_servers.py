@@ -25,8 +25,12 @@ def test_mlflow_server_lists_runs_metrics_and_registered_versions(audited_home, 
         for run in runs:
             tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
             metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
-            assert "heldout_accuracy" in metrics and "train_loss_fold0" in metrics
+            assert {"heldout_accuracy", "heldout_accuracy_fold1", "train_loss_fold1"} <= set(metrics)
             assert tags["dataset_version"].endswith(".dir")
+            # the run's input: the curated dataset, named by its DVC version (the UI's Dataset column)
+            inputs = run["inputs"]["dataset_inputs"]
+            assert [i["dataset"]["digest"] for i in inputs] == [tags["dataset_version"][:36]]
+            assert inputs[0]["dataset"]["name"] == "curated"
             heads[tags["head"]] = metrics["heldout_accuracy"]
         assert set(heads) == {"softmax", "l2softmax"}  # one experiment, the same metric names
         model = http_json(f"{base}/api/2.0/mlflow/registered-models/get?name=vendor-audit-classifier")
