@@ -20,10 +20,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# the servers started here listen on this machine: never through a proxy from the environment
+# (urllib's default opener keeps the proxies it first saw, even after the environment changes)
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with LOCAL.open(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
@@ -70,7 +75,7 @@ def running(command: list[str], ready_url: str, env: dict, log_path, timeout: fl
                 if process.poll() is not None:
                     raise RuntimeError(f"{command[:4]} exited with {process.returncode}: see {log_path}")
                 try:
-                    urllib.request.urlopen(ready_url, timeout=2).read()
+                    LOCAL.open(ready_url, timeout=2).read()
                     break
                 except OSError:
                     if time.monotonic() > deadline:

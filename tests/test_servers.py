@@ -4,13 +4,12 @@ import os
 import signal
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from pipelines.servers import dagster_dev_command, free_port, http_json, mlflow_server_command, running
+from pipelines.servers import LOCAL, dagster_dev_command, free_port, http_json, mlflow_server_command, running
 
 
 def test_mlflow_server_lists_runs_metrics_and_registered_versions(audited_home, tmp_path):
@@ -112,7 +111,7 @@ def test_ui_stops_dagster_and_all_its_processes_on_a_signal_to_the_cli(small_hom
                 with pytest.raises(ProcessLookupError):
                     os.killpg(pgid, 0)
             with pytest.raises(OSError):  # nothing listens on the port any more
-                urllib.request.urlopen(f"{base}/server_info", timeout=5)
+                LOCAL.open(f"{base}/server_info", timeout=5)
         finally:
             for pgid in groups:  # whatever a failure left behind
                 try:
