@@ -76,7 +76,23 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-class SmallCNN(nn.Module):
+class _HeadOutputs(nn.Module):
+    """The two heads on a model's 128-d ``features_of`` its input: ``forward`` returns logits (B, K),
+    through the L2-normalised, scaled embedding for ``l2softmax``; ``embed`` the L2-normalised
+    embedding (B, 128). Subclasses set ``head``, ``l2_scale``, ``classifier`` and ``features_of``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features_of(x)
+        if self.head == "l2softmax":
+            z = self.l2_scale * F.normalize(z, dim=1)
+        return self.classifier(z)
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.features_of(x), dim=1)
+
+
+class SmallCNN(_HeadOutputs):
     """Three conv blocks, global pooling, a 128-d embedding and a classifier head.
 
     Input: float (B, C, H, W) in [0, 1]. ``forward`` returns logits (B, K); ``embed`` returns the
@@ -104,15 +120,6 @@ class SmallCNN(nn.Module):
     def features_of(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.features(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.features_of(x)
-        if self.head == "l2softmax":
-            z = self.l2_scale * F.normalize(z, dim=1)
-        return self.classifier(z)
-
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.features_of(x), dim=1)
 
 
 class FoldEnsemble(nn.Module):
@@ -386,7 +393,7 @@ def resolve_training(training: str, backbone: str, device: torch.device) -> tupl
 # ---- heads on features -------------------------------------------------------------------------
 
 
-class FeatureHead(nn.Module):
+class FeatureHead(_HeadOutputs):
     """A classifier head on backbone features (B, D): optional standardisation (buffers fitted on
     the fold's training images only), dropout, a 128-d projection and the head's classifier.
 
@@ -417,15 +424,6 @@ class FeatureHead(nn.Module):
     def features_of(self, features: torch.Tensor) -> torch.Tensor:
         return self.project(self.dropout((features - self.mean) / self.scale))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        z = self.features_of(features)
-        if self.head == "l2softmax":
-            z = self.l2_scale * F.normalize(z, dim=1)
-        return self.classifier(z)
-
-    @torch.no_grad()
-    def embed(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.features_of(features), dim=1)
 
 
 def generalized_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
