@@ -643,12 +643,12 @@ def _ui(args) -> None:
 def _mlflow_ui(args) -> None:
     import subprocess
 
-    store = args.home / "mlflow"
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", args.host, "--port", str(args.port),
-               "--workers", "1"]
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true")
-    sys.exit(subprocess.call(command, env=env))
+    from pipelines.servers import MODEL_TRAINING_VIEW, mlflow_server_command
+
+    command, env = mlflow_server_command(args.home, args.port, args.host)
+    log.info("MLflow UI on http://%s:%d/#/experiments?%s (home %s)", args.host, args.port, MODEL_TRAINING_VIEW,
+             args.home)
+    sys.exit(subprocess.call(command, env=dict(os.environ, **env)))
 
 
 def _without_paths(argv: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipelines.servers import (
-    dagster_dev_command, free_port, http_json, mlflow_server_command, running, stop_group,
+    MODEL_TRAINING_VIEW, dagster_dev_command, free_port, http_json, mlflow_server_command, running, stop_group,
 )
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -142,7 +142,7 @@ def take_screenshots(home: Path, out: Path, logs: Path) -> list[Path]:
                          {"experiment_ids": [experiment_id], "max_results": 2})["runs"]
         ids = json.dumps([r["info"]["run_id"] for r in runs])
         png = out / "mlflow-run-comparison.png"
-        capture(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}", png,
+        capture(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}&{MODEL_TRAINING_VIEW}", png,
                 ("heldout_accuracy",), focus="heldout_accuracy")
         shots.append(png)
     return shots

@@ -32,6 +32,11 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 10.0) -> d
         return json.loads(response.read())
 
 
+# The MLflow UI's sidebar switch (GenAI | Model training) starts on GenAI whatever the experiment's
+# kind; this query parameter of a page's address opens it on model training.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def mlflow_server_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
     """``mlflow server`` on a home's tracking store, with the settings that make it answer in seconds."""
     store = home / "mlflow"
