@@ -1,6 +1,7 @@
 """K-fold training of each classifier head, logged to MLflow; the champion alias moves only on improvement."""
 
 import json
+import warnings
 from dataclasses import asdict
 
 import dagster as dg
@@ -11,7 +12,7 @@ from assets.dataset import curated_dataset
 from ml.backbones import choose_backbone, image_side_and_channels, load_backbone
 from ml.delivery import load_curated
 from ml.files import atomic_write_bytes
-from ml.train import SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_training, train_folds
+from ml.train import SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_heads, resolve_training, train_folds
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import ModelOutputs, champion_outputs, load_selection, save_ensemble, save_outputs
 
@@ -27,14 +28,16 @@ def _train_config(settings, head: str, backbone: str = "small_cnn", weights: str
                        backbone=backbone, weights=weights, training=training)
 
 
-def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, torch.device]:
-    """(backbone, weights, training mode, device) for these images, each choice logged with its reason."""
+def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, tuple[str, ...]]:
+    """(backbone, weights, training mode, heads) for these images, each choice logged with its reason."""
     side, channels = image_side_and_channels(images)
     choice = choose_backbone(settings.backbone, settings.weights, side, channels)
     device = pick_device()
     mode, why = resolve_training(settings.training, choice.name, device)
-    log.info(f"backbone {choice.name} (weights {choice.weights}): {choice.reason}; training {mode} on {device.type}: {why}")
-    return choice.name, choice.weights, mode, device
+    heads, why_heads = resolve_heads(settings.heads, mode)
+    log.info(f"backbone {choice.name} (weights {choice.weights}): {choice.reason}; training {mode} on {device.type}: "
+             f"{why}; heads {', '.join(heads)}: {why_heads}")
+    return choice.name, choice.weights, mode, heads
 
 
 def log_dataset_input(mlflow, rows, dataset_version: str, source: str) -> None:
@@ -43,7 +46,11 @@ def log_dataset_input(mlflow, rows, dataset_version: str, source: str) -> None:
     import mlflow.data
 
     frame = rows[["image_id", "vendor", "batch", "label"]].reset_index(drop=True)
-    dataset = mlflow.data.from_pandas(frame, source=source, name="curated", digest=dataset_version[:36])
+    with warnings.catch_warnings():
+        # MLflow registers its local-folder source under two schemes and warns that a folder path
+        # matches both; they are the same class, so the choice does not matter
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_pandas(frame, source=source, name="curated", digest=dataset_version[:36])
     mlflow.log_input(dataset, context="training")
 
 
@@ -126,10 +133,10 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
     mlflow = mlflow_tracking.start()
     champion = mlflow_tracking.champion()
     runs, predictions = [], {}
-    backbone_name, weights, mode, _ = plan_training(settings, images, context.log)
+    backbone_name, weights, mode, heads = plan_training(settings, images, context.log)
     # loaded once for both heads; the feature cache makes the second head's features free
     backbone = None if mode == SCRATCH else load_backbone(backbone_name, weights, image_side_and_channels(images)[0])
-    for head in settings.heads:
+    for head in heads:
         result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model,
                                               _train_config(settings, head, backbone_name, weights, mode),
                                               images, labels, settings.classes, dataset_version, context.log,

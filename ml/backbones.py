@@ -127,8 +127,7 @@ def choose_backbone(backbone: str, weights: str, image_side: int, channels: int)
                                 f"{'colour' if channels == 3 else 'grayscale'} images of {image_side} px: "
                                 "ImageNet-pretrained EfficientNet-Lite0 (weights installed with vendor-audit)")
     check_weights(choice.name, choice.weights)
-    log.info("backbone auto -> %s: %s", choice.name, choice.reason)
-    return choice
+    return choice  # the caller logs the choice with the training plan
 
 
 class Backbone(nn.Module):

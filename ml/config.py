@@ -51,7 +51,7 @@ class Settings:
     batch_size: Annotated[StrictInt, Field(ge=2)] = 128
     learning_rate: Annotated[StrictFloat, Field(gt=0, le=1)] = 2e-3
     seed: Annotated[StrictInt, Field(ge=0, le=SEED_MAX)] = 0
-    heads: tuple[str, ...] = HEADS
+    heads: tuple[str, ...] | str = "auto"  # a list of heads, or auto: by training mode (ml.train.resolve_heads)
     bootstrap: Annotated[StrictInt, Field(ge=50)] = 200  # intervals need enough bootstrap replicates
     tracking_uri: Annotated[str, Strict()] = ""  # MLflow tracking URI; empty: SQLite under <home>/mlflow
     dvc_remote: Annotated[str, Strict()] = ""    # DVC remote URL; empty: the folder <home>/dvc-remote
@@ -80,6 +80,8 @@ class Settings:
     @field_validator("heads", mode="before")
     @classmethod
     def _check_heads(cls, value):
+        if value == "auto":
+            return value
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(head, str) for head in value):
             raise ValueError(f"must be {RULES['heads']}")
         unknown = [head for head in value if head not in HEADS]
@@ -139,7 +141,7 @@ class Settings:
     def to_yaml(self) -> str:
         data = asdict(self)
         data["classes"] = list(self.classes)
-        data["heads"] = list(self.heads)
+        data["heads"] = self.heads if self.heads == "auto" else list(self.heads)
         return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -154,7 +156,7 @@ RULES = {
     "batch_size": "an integer >= 2",
     "learning_rate": "a number > 0 and <= 1",
     "seed": f"an integer from 0 to {SEED_MAX}",
-    "heads": f"a non-empty list of distinct heads among {', '.join(HEADS)}",
+    "heads": f"auto, or a non-empty list of distinct heads among {', '.join(HEADS)}",
     "bootstrap": "an integer >= 50, the bootstrap replicates behind each interval",
     "tracking_uri": "a string; empty means the SQLite store under <home>/mlflow",
     "dvc_remote": "a string; empty means the folder <home>/dvc-remote",

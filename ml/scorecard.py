@@ -187,7 +187,10 @@ def compare_vendors(vendors: list[str], rates: VendorRates, alpha: float = 0.05,
                 row["p_value"] = np.nan
                 row["conclusion"] = f"not compared: too few images to rate {' and '.join(small)}"
             rows.append(row)
-    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS).astype({"conclusion": object})
+    # typed even with no pair (one vendor so far), so the rounding below and the CSV stay numeric
+    table = pd.DataFrame(rows, columns=COMPARISON_COLUMNS).astype(
+        {"difference": float, "difference_low": float, "difference_high": float, "p_value": float,
+         "conclusion": object})
     tested = table["p_value"].notna().to_numpy()
     table["p_holm"] = np.nan
     if tested.any():

@@ -376,6 +376,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+def resolve_heads(heads: tuple[str, ...] | str, mode: str) -> tuple[tuple[str, ...], str]:
+    """(heads, reason): ``auto`` is both heads for the small CNN from scratch (each was champion on
+    some Fashion-MNIST trainings) and the softmax head alone on pretrained features: on CIFAR-10
+    photos the L2-softmax head's probabilities read every vendor 1-3 points higher (BENCHMARKS.md,
+    Photos), at the same accuracy, so the accuracy-based champion choice could not tell them apart."""
+    if heads != "auto":
+        return tuple(heads), "set in the settings"
+    if mode == SCRATCH:
+        return ("softmax", "l2softmax"), "auto from scratch: both heads, the more accurate one is champion"
+    return ("softmax",), f"auto with {mode}: the softmax head (its probabilities rate photo vendors better)"
+
+
 def resolve_training(training: str, backbone: str, device: torch.device) -> tuple[str, str]:
     """(mode, reason): ``auto`` is ``finetune`` on CUDA and ``probe`` on a CPU; ``small_cnn`` has no
     pretrained features and is always trained from scratch."""

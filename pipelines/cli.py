@@ -722,11 +722,12 @@ def _bench_checks(args) -> None:
 def _bench_incremental(args) -> None:
     from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
 
-    overrides = {"folds": args.folds, "epochs": args.epochs, "heads": tuple(args.heads.split(","))}
+    heads = args.heads if args.heads == "auto" else tuple(args.heads.split(","))
+    overrides = {"folds": args.folds, "epochs": args.epochs, "heads": heads}
     rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
-                                     args.full_up_to, overrides, run_audit)
-    text = format_incremental(rows, _bench_command("bench-incremental"), f"{args.per_batch} images a batch, "
-                              f"{args.folds}-fold {args.heads} training, {args.epochs} epochs, CPU")
+                                     args.full_up_to, overrides, run_audit, args.dataset, args.source)
+    text = format_incremental(rows, _bench_command("bench-incremental"), f"{args.dataset}, {args.per_batch} images "
+                              f"a batch, {args.folds}-fold training, heads {args.heads}, {args.epochs} epochs, CPU")
     print(text)
     _write_bench_section(args.output, "bench-incremental", text)
 
@@ -851,7 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest checkpoint that also times a full re-run")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of each training")
     p.add_argument("--epochs", type=int, default=8, help="training epochs per fold")
-    p.add_argument("--heads", default="softmax,l2softmax", help="classifier heads trained, comma-separated")
+    p.add_argument("--heads", default="auto", help="classifier heads trained, comma-separated, or auto (the settings' rule)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
+                   help="images of the deliveries: Fashion-MNIST (vendors a, b, c) or CIFAR-10 photos (a, b, c, d)")
+    p.add_argument("--source", type=Path, default=None, metavar="PATH",
+                   help="cifar10 only: an .npz of photos, as for simulate (default: $CIFAR10_NPZ)")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-incremental section is replaced (created if missing)")
     p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")

@@ -10,22 +10,27 @@ from pathlib import Path
 import numpy as np
 
 from ml.config import load_settings, write_settings
-from ml.datasets import load_fashion_mnist
+from ml.datasets import load_dataset
 from ml.simulate import simulate_deliveries
 
+# vendors and their error rates, taking turns to deliver: the benchmark's reference cases
+VENDORS = {"fashion-mnist": {"a": 0.0, "b": 0.05, "c": 0.2}, "cifar10": {"a": 0.0, "b": 0.05, "c": 0.10, "d": 0.20}}
 
-def _land(home: Path, data, number: int, per_batch: int, vendors: list[str]) -> None:
-    vendor = vendors[number % len(vendors)]
-    rate = {"a": 0.0, "b": 0.05, "c": 0.2}.get(vendor, 0.1)
-    simulate_deliveries(data, {vendor: rate}, per_batch, home, seed=1000 + number, batch=f"batch-{number:03d}")
+
+def _land(home: Path, data, number: int, per_batch: int, vendors: dict[str, float]) -> None:
+    vendor = list(vendors)[number % len(vendors)]
+    simulate_deliveries(data, {vendor: vendors[vendor]}, per_batch, home, seed=1000 + number,
+                        batch=f"batch-{number:03d}")
 
 
 def run_incremental_benchmark(home: Path, checkpoints: list[int], per_batch: int, full_up_to: int,
-                              settings_overrides: dict, run_audit) -> list[dict]:
+                              settings_overrides: dict, run_audit, dataset: str = "fashion-mnist",
+                              source: Path | None = None) -> list[dict]:
     """Land batches one by one; at each checkpoint (number of batches already ingested) time one
-    incremental run (a new batch, scored by the champion) and, up to ``full_up_to``, a full re-run."""
-    data = load_fashion_mnist()
-    vendors = ["a", "b", "c"]
+    incremental run (a new batch, scored by the champion) and, up to ``full_up_to``, a full re-run.
+    ``dataset``: fashion-mnist (3 vendors) or cifar10 photos (4 vendors; ``source`` as for simulate)."""
+    data = load_dataset(dataset, source)
+    vendors = VENDORS[dataset]
     _land(home, data, 0, per_batch, vendors)
     write_settings(home, replace(load_settings(home), **settings_overrides))
     run_audit(home)  # the first model

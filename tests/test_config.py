@@ -44,6 +44,8 @@ def test_settings_round_trip(tmp_path):
     settings = Settings(classes=("cat", "dog"), epochs=3, heads=("l2softmax",))
     write_settings(tmp_path, settings)
     assert load_settings(tmp_path) == settings
+    write_settings(tmp_path, Settings(classes=("cat", "dog")))
+    assert load_settings(tmp_path).heads == "auto" and "heads: auto" in (tmp_path / "vendor-audit.yaml").read_text()
     full = Settings(classes=("T-shirt/top", "0", "yes"), image_size=512, channels=3, quarantine_warn_share=0.0,
                     folds=2, epochs=1, batch_size=2, learning_rate=1.0, seed=2**32 - 1, heads=("l2softmax", "softmax"),
                     bootstrap=50, tracking_uri="sqlite:///x.db", dvc_remote="s3://bucket/audit")
@@ -55,7 +57,7 @@ def test_settings_round_trip(tmp_path):
 def test_defaults_and_spaces_around_class_names(tmp_path):
     settings = _load(tmp_path, "classes: [' cat', 'dog ']\n")
     assert settings.classes == ("cat", "dog") and settings.class_index() == {"cat": 0, "dog": 1}
-    assert settings == Settings(classes=("cat", "dog"))
+    assert settings == Settings(classes=("cat", "dog")) and settings.heads == "auto"
     assert "extra" not in asdict(settings)
 
 
@@ -109,7 +111,7 @@ RANGES = [
     ("channels", ["2", "0", "4", "3.0"], ["1", "3", "null"]),
     ("image_size", ["7", "513", "32.0"], ["8", "512", "null"]),
     ("heads", ["[]", "softmax", "[resnet]", "[softmax, softmax]", "[softmax, 1]"],
-     ["[softmax]", "[l2softmax, softmax]"]),
+     ["[softmax]", "[l2softmax, softmax]", "auto"]),
     ("tracking_uri", ["5", "null", "[a]"], ["''", "http://127.0.0.1:5000"]),
     ("dvc_remote", ["5", "null"], ["''", "/srv/dvc"]),
 ]

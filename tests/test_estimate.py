@@ -7,7 +7,7 @@ from ml.audit import ISSUE_COLUMNS, run_audit
 from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, injected_sensitivity,
                          vendor_error_rates)
 from ml.issues import cleanlab_baseline, outlier_scores
-from ml.scorecard import SCORECARD_COLUMNS, build_scorecard, compare_vendors
+from ml.scorecard import COMPARISON_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors
 
 
 def synthetic(rates, n_per_vendor=1500, k=10, seed=0):
@@ -160,6 +160,14 @@ def test_an_identical_copy_gets_the_same_rate_and_no_significant_difference():
     comparisons = compare_vendors(["a", "b", "c", "c2"], result, min_images=200)
     pair = comparisons[(comparisons["vendor_a"] == "c") & (comparisons["vendor_b"] == "c2")].iloc[0]
     assert pair["conclusion"] == "not distinguishable with this data" and pair["p_holm"] > 0.5
+
+
+def test_a_single_vendor_has_an_empty_comparison_table():
+    probs, given, true, vendor = synthetic([0.05], n_per_vendor=400)
+    result = vendor_error_rates(probs, given, vendor, n_boot=50, vendor_names=["only"])
+    comparisons = compare_vendors(["only"], result)  # the first delivery of a new home: nothing to compare
+    assert comparisons.empty and list(comparisons.columns) == COMPARISON_COLUMNS
+    assert comparisons["p_value"].dtype == float and comparisons["difference"].dtype == float
 
 
 def test_small_vendors_get_exact_intervals_and_take_part_in_no_claim():

@@ -54,7 +54,7 @@ import io  # noqa: E402
 from ml.backbones import load_backbone  # noqa: E402
 from ml.train import (  # noqa: E402
     FinetuneEnsemble, ProbeEnsemble, cross_validate_probe, ensemble_from_payload, ensemble_payload,
-    fold_splits, generalized_cross_entropy, resolve_training, score_out_of_sample, train_folds,
+    fold_splits, generalized_cross_entropy, resolve_heads, resolve_training, score_out_of_sample, train_folds,
 )
 
 
@@ -164,3 +164,10 @@ def test_training_mode_auto_is_probe_on_a_cpu_and_scratch_for_the_small_cnn():
     assert resolve_training("auto", "resnet50", torch.device("cuda"))[0] == "finetune"
     assert resolve_training("probe", "resnet50", torch.device("cuda"))[0] == "probe"
     assert resolve_training("auto", "small_cnn", torch.device("cuda"))[0] == "scratch"
+
+
+def test_heads_auto_are_both_from_scratch_and_softmax_on_pretrained_features():
+    assert resolve_heads("auto", "scratch")[0] == ("softmax", "l2softmax")
+    assert resolve_heads("auto", "probe")[0] == ("softmax",)
+    assert resolve_heads("auto", "finetune")[0] == ("softmax",)
+    assert resolve_heads(("l2softmax",), "probe") == (("l2softmax",), "set in the settings")
