@@ -44,7 +44,9 @@ def _open(path: Path) -> Image.Image:
 
 
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode ``path`` into a uint8 array of shape (size, size, channels).
+    """Decode ``path`` into a uint8 array of shape (size, size, channels): its shorter side scaled to
+    ``size`` and the square at its centre kept (the aspect ratio is kept, as backbones were trained,
+    not squashed).
 
     EXIF orientation is applied; 16-bit images are scaled to 8 bits; alpha is composed over black
     (the background of the reference datasets); palette and CMYK are converted.
@@ -60,7 +62,7 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
                 img = Image.alpha_composite(background, rgba)
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
+                img = ImageOps.fit(img, (size, size), method=Image.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"cannot decode image: {exc}") from exc

@@ -737,13 +737,14 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
                 device: torch.device | None = None, on_epoch: EpochCallback | None = None,
                 feature_cache: Path | None = None, backbone=None) -> CrossValResult:
     """Cross-validate as ``config.training`` says (scratch, probe or finetune) over uint8 ``images``
-    (N, H, W, C). ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from
+    (N, H, W, C): an array, or a memory-mapped :class:`ml.image_stack.ImageStack` that the probe reads
+    batch by batch (only images missing from the feature cache). ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from
     ``config.backbone`` / ``config.weights``). The result's ``ensemble`` scores later images."""
     from ml.backbones import describe, image_side_and_channels, load_backbone
 
     device = device or pick_device()
-    if config.training == SCRATCH:
-        return cross_validate(images, labels, n_classes, config, device, on_epoch)
+    if config.training == SCRATCH:  # small images: all in memory, as one tensor
+        return cross_validate(np.asarray(images), labels, n_classes, config, device, on_epoch)
     side, _ = image_side_and_channels(images)
     if backbone is None:
         backbone = load_backbone(config.backbone, config.weights, image_side=side)
@@ -766,7 +767,8 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
             fresh.input_size = input_size
             return fresh
 
-        result = cross_validate_finetune(images, labels, n_classes, config, fresh_backbone, device, on_epoch)
+        result = cross_validate_finetune(np.asarray(images), labels, n_classes, config, fresh_backbone, device,
+                                         on_epoch)
     else:
         raise ValueError(f"unknown training {config.training!r}")
     result.stats.update(describe(backbone))

@@ -90,7 +90,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
 
 def test_exif_orientation_is_applied(tmp_path):
     pixels = np.zeros((16, 32), np.uint8)
-    pixels[:, :8] = 255  # a bright band on the left
+    pixels[:, 8:12] = 255  # a bright band left of centre (the centre square keeps columns 8-23)
     image = Image.fromarray(pixels)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display

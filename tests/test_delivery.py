@@ -131,6 +131,43 @@ def test_only_complete_deliveries_with_valid_names_are_found(tmp_path):
     }
 
 
+def test_images_keep_their_aspect_ratio_as_a_centred_square(tmp_path):
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 255  # the centre 20 x 20: white; the outer quarters: black
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    square = decode_image(tmp_path / "wide.png", 10, 3)
+    # squashed, the black quarters would fill half the square; cut from the centre, only the rim blends
+    assert square.shape == (10, 10, 3) and square[1:-1, 1:-1].min() == 255 and square.mean() > 230
+
+
+def test_photos_are_kept_at_their_shorter_side_up_to_224_px(tmp_path):
+    from ml.delivery import infer_format
+
+    photo = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    small = Image.fromarray(np.zeros((28, 28), np.uint8))
+    assert infer_format(_delivery(tmp_path / "p", [("p.png", "cat")], {"p.png": photo})) == (224, 3)
+    assert infer_format(_delivery(tmp_path / "s", [("s.png", "cat")], {"s.png": small})) == (28, 1)
+
+
+def test_curated_images_are_memory_mapped_per_delivery_and_read_as_one(tmp_path):
+    from ml.image_stack import ImageStack
+
+    first = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 1)
+    second = 100 + np.arange(2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 1)
+    for name, array in (("first", first), ("second", second)):
+        np.save(tmp_path / f"{name}.npy", array)
+    stack = ImageStack.open([tmp_path / "first.npy", tmp_path / "second.npy"])
+    whole = np.concatenate([first, second])
+    assert stack.shape == whole.shape and len(stack) == 5 and isinstance(stack.parts[0], np.memmap)
+    np.testing.assert_array_equal(np.asarray(stack), whole)
+    for index in (0, 4, -1, slice(1, 4), np.array([4, 0, 3]), whole[:, 0, 0, 0] % 2 == 0):
+        np.testing.assert_array_equal(stack[index], whole[index])
+    np.testing.assert_array_equal(stack[3, :, 1, 0], whole[3, :, 1, 0])
+    np.testing.assert_array_equal(np.stack(list(stack)), whole)
+    with pytest.raises(IndexError):
+        stack[np.array([5])]
+
+
 def test_curated_storage_round_trip(tmp_path):
     image = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4))
     delivery = _delivery(tmp_path, [("a.png", "cat"), ("b.png", "bird")], {"a.png": image})

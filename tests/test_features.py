@@ -52,6 +52,9 @@ def test_duplicate_images_are_computed_once_and_grayscale_works(tmp_path):
     assert np.array_equal(features[0], features[1])
     keys = content_keys(images)
     assert keys[0] == keys[1] != keys[2] and len(keys[0]) == 64
+    # read back, every copy of a photo delivered twice comes from the cache (not only the last copy)
+    again, stats = extract_features(_backbone(), images, tmp_path)
+    assert stats.n_computed == 0 and stats.n_cached == 3 and np.array_equal(again, features)
 
 
 def test_a_damaged_cache_chunk_is_recomputed_not_fatal(tmp_path):
