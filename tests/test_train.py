@@ -141,6 +141,22 @@ def test_probe_on_efficientnet_lite0_features_end_to_end(tmp_path):
         assert ensemble(torch.from_numpy(images[:3])).shape == (3, 2)
 
 
+def test_probe_reads_memory_mapped_deliveries_as_it_reads_an_array(tmp_path):
+    from ml.image_stack import ImageStack
+
+    images, labels = _photos(16)
+    np.save(tmp_path / "first.npy", images[:10])
+    np.save(tmp_path / "second.npy", images[10:])
+    stack = ImageStack.open([tmp_path / "first.npy", tmp_path / "second.npy"])
+    config = TrainConfig(folds=2, backbone="efficientnet_lite0", weights="auto", training="probe", batch_size=8)
+    backbone = load_backbone("efficientnet_lite0", "auto")
+    backbone.input_size = 64
+    from_array = train_folds(images, labels, 2, config, feature_cache=tmp_path / "a", backbone=backbone)
+    from_stack = train_folds(stack, labels, 2, config, feature_cache=tmp_path / "b", backbone=backbone)
+    assert from_stack.stats["features_computed"] == 16
+    np.testing.assert_allclose(from_stack.probs, from_array.probs, atol=1e-6)
+
+
 def test_finetune_runs_on_the_cpu_on_a_few_images():
     images, labels = _photos(12)
     config = TrainConfig(folds=2, epochs=1, batch_size=4, backbone="mobilenet_v3_small", weights="none",
