@@ -74,8 +74,8 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     with mlflow.start_run(run_id=champion["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")
     # one line: the table itself is this materialization's metadata, and `run` prints it once
-    context.log.info(f"scorecard of {len(scorecard)} vendors: {reports / 'scorecard.csv'}; report: "
-                     f"{reports / 'report.md'}")
+    vendors = f"{len(scorecard)} vendor" + ("" if len(scorecard) == 1 else "s")
+    context.log.info(f"scorecard of {vendors}: {reports / 'scorecard.csv'}; report: {reports / 'report.md'}")
     return dg.MaterializeResult(metadata={
         "scorecard": _table(scorecard),
         "hand_checks": _table(checks),
