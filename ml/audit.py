@@ -33,7 +33,7 @@ class AuditResult:
         np.savez(buffer, vendors=np.array(self.vendors), confusion=self.model.confusion,
                  temperature=self.model.temperature, rate=r.rate, low=r.low, high=r.high, bootstrap=r.bootstrap,
                  raw_rate=r.raw, sensitivity=r.sensitivity, false_positive=r.false_positive, n_images=r.n_images,
-                 weak_detection=r.weak_detection, baseline_rates=self.baseline_rates)
+                 weak_detection=r.weak_detection, upper_only=r.upper_only, baseline_rates=self.baseline_rates)
         return buffer.getvalue()
 
 
@@ -51,7 +51,7 @@ def load_audit(path: Path) -> SavedAudit:
     with np.load(path, allow_pickle=False) as saved:
         rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
                             saved["sensitivity"], saved["false_positive"], saved["n_images"],
-                            saved["weak_detection"])
+                            saved["weak_detection"], saved["upper_only"] if "upper_only" in saved.files else None)
         return SavedAudit([str(v) for v in saved["vendors"]], rates, saved["confusion"], saved["baseline_rates"])
 
 

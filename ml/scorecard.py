@@ -78,6 +78,10 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
             note.append(f"too few images to rate ({n_images[v]} < {min_images}): no rank, no comparison")
         if rates.weak_detection[v] and not combined[v]:
             note.append("error detection is weak for these labels: the rate is uncertain")
+        if rates.upper_only[v] and not combined[v]:
+            note.append("the model learned from one vendor only, so its own mistakes cannot be told from that vendor's "
+                        "errors: the rate is an upper estimate (the interval starts at 0); hand checks measure it "
+                        "(vendor-audit plan)")
         if frame is not None and frame["n_checked"].iloc[v] and frame["outside_plans"].iloc[v]:
             note.append(f"{frame['outside_plans'].iloc[v]} images are in no check plan (delivered after the last "
                         "one, or none drawn yet): the rate is the model's until a plan covers them (vendor-audit plan)")

@@ -170,6 +170,30 @@ def test_a_single_vendor_has_an_empty_comparison_table():
     assert comparisons["p_value"].dtype == float and comparisons["difference"].dtype == float
 
 
+def test_a_lone_vendor_is_bounded_from_above_only_and_says_so(tmp_path):
+    from ml.audit import load_audit, run_audit
+    from ml.scorecard import rate_table
+
+    probs, given, true, vendor = synthetic([0.0], n_per_vendor=1500, seed=3)
+    lone = vendor_error_rates(probs, given, vendor, n_boot=50, vendor_names=["only"])
+    assert lone.upper_only.tolist() == [True] and lone.low[0] == 0.0 and lone.high[0] > lone.rate[0]
+    table = rate_table(["only"], vendor, np.full(len(given), "ok"), lone)
+    assert "upper estimate" in table.loc[0, "note"] and table.loc[0, "error_rate_low"] == 0.0
+    # a second vendor's labels in the training: both are bounded both ways again
+    probs2, given2, _, vendor2 = synthetic([0.0, 0.2], n_per_vendor=800, seed=3)
+    assert not vendor_error_rates(probs2, given2, vendor2, n_boot=50).upper_only.any()
+    # the flag survives the saved audit; audits saved before it read as bounded both ways
+    classes = tuple(f"c{i}" for i in range(10))
+    rows = pd.DataFrame({"image_id": [f"only/b/{i}.png" for i in range(len(given))], "vendor": "only", "batch": "b",
+                         "label": [classes[g] for g in given]})
+    result, _ = run_audit(rows, probs, np.random.default_rng(0).normal(size=(len(given), 8)), classes, n_boot=50)
+    (tmp_path / "audit.npz").write_bytes(result.to_npz())
+    assert load_audit(tmp_path / "audit.npz").rates.upper_only.tolist() == [True]
+    with np.load(tmp_path / "audit.npz") as saved:
+        np.savez(tmp_path / "old.npz", **{k: saved[k] for k in saved.files if k != "upper_only"})
+    assert load_audit(tmp_path / "old.npz").rates.upper_only.tolist() == [False]
+
+
 def test_small_vendors_get_exact_intervals_and_take_part_in_no_claim():
     probs, given, true, vendor = synthetic([0.0, 0.2, 0.0, 0.0], n_per_vendor=1000, seed=5)
     keep = np.concatenate([np.flatnonzero(vendor == 0), np.flatnonzero(vendor == 1),
