@@ -17,7 +17,7 @@ import pandas as pd
 from ml.checks import QUARANTINE_KINDS
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
-from ml.scorecard import format_p_value
+from ml.scorecard import UPPER_ONLY_NOTE, format_p_value
 from ml.thumbnails import thumbnail_png
 
 
@@ -467,8 +467,11 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
         findings.append(("No vendor has enough images to be rated yet.",))
     elif len(names) == 1:
         only = by_vendor[names[0]]
-        findings.append((Strong(only.vendor), f" is the only vendor with enough images to rate: an estimated "
-                         f"{_rate_text(only)} of its labels are wrong. There is no other vendor to compare it with."))
+        estimate = (f"at most {100 * only.error_rate_high:.1f}% of its labels are wrong (an upper estimate, "
+                    f"{_rate_text(only)})" if UPPER_ONLY_NOTE in str(only.note)
+                    else f"an estimated {_rate_text(only)} of its labels are wrong")
+        findings.append((Strong(only.vendor), f" is the only vendor with enough images to rate: {estimate}. "
+                         "There is no other vendor to compare it with."))
     else:
         best = [v for v in names if all((v, w) in fewer for w in names if w != v)]
         if best:
@@ -540,9 +543,11 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
                         "likely of each vendor are shown below.",))
     sureness = (f"How sure: each rate is an estimate with a 95% interval from {n_boot:,} bootstrap refits"
                 + ("; where hand checks exist, from the checks combined with the model" if _any_combined(card) else "")
-                + ". A vendor "
-                f"is called better than another only where the pairwise test finds the difference significant at "
-                f"the 5% level after the Holm correction for making {_count(len(comps), 'comparison')} at once.")
+                + ".")
+    if len(comps):
+        sureness += (f" A vendor is called better than another only where the pairwise test finds the difference "
+                     f"significant at the 5% level after the Holm correction for making "
+                     f"{_count(len(comps), 'comparison')} at once.")
     blocks = [Heading(2, "Summary"), Bullets(tuple(findings)), _para(sureness)]
     if actions:
         blocks += [Heading(3, "What to do next"), Bullets(tuple(actions))]

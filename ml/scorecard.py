@@ -30,6 +30,9 @@ SCORECARD_CHECK_COLUMNS = ["n_checked", "checked_errors", "checks_error_rate", "
                            "checks_error_rate_high", "model_error_rate", "model_error_rate_low",
                            "model_error_rate_high", "gold_images", "gold_accuracy"]
 RATED = "rated"
+UPPER_ONLY_NOTE = ("the model learned from one vendor only, so its own mistakes cannot be told from that vendor's "
+                   "errors: the rate is an upper estimate (the interval starts at 0); hand checks measure it "
+                   "(vendor-audit plan)")
 TOO_FEW = "too few images to rate"
 SMALLEST_P = 0.001  # normal tails are not trusted further out than this with a few hundred replicates
 
@@ -79,9 +82,7 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
         if rates.weak_detection[v] and not combined[v]:
             note.append("error detection is weak for these labels: the rate is uncertain")
         if rates.upper_only[v] and not combined[v]:
-            note.append("the model learned from one vendor only, so its own mistakes cannot be told from that vendor's "
-                        "errors: the rate is an upper estimate (the interval starts at 0); hand checks measure it "
-                        "(vendor-audit plan)")
+            note.append(UPPER_ONLY_NOTE)
         if frame is not None and frame["n_checked"].iloc[v] and frame["outside_plans"].iloc[v]:
             note.append(f"{frame['outside_plans'].iloc[v]} images are in no check plan (delivered after the last "
                         "one, or none drawn yet): the rate is the model's until a plan covers them (vendor-audit plan)")

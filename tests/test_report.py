@@ -166,6 +166,19 @@ def test_a_delivery_rejected_whole_is_reported_as_such():
     assert "| a/batch-9 | - | whole delivery | 100.0% | labels.csv: missing column 'label': 1 |" in markdown
 
 
+def test_a_lone_vendor_is_reported_as_an_upper_estimate_with_no_comparison_promised():
+    from ml.scorecard import UPPER_ONLY_NOTE
+
+    card = _scorecard().iloc[:1].assign(error_rate_low=0.0, note=UPPER_ONLY_NOTE)
+    issues = _issues().query("vendor == 'a'")
+    no_pairs = _comparisons().iloc[:0]
+    markdown = build_report(card, no_pairs, issues, _confusion()[:1], ["a"], CLASSES, {}, images=_images(issues),
+                            quarantined=_quarantined().iloc[:0], quarantine_warn_share=0.05, n_boot=200).markdown
+    summary = _section(markdown, "Summary")
+    assert "**a** is the only vendor with enough images to rate: at most 2.5% of its labels are wrong" in summary
+    assert "an upper estimate" in summary and "Holm" not in summary  # no comparison to correct for
+
+
 class _Page(HTMLParser):
     """Collects image sources and headings, and checks that every opened element is closed in order."""
 
