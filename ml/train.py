@@ -738,8 +738,9 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
                 feature_cache: Path | None = None, backbone=None) -> CrossValResult:
     """Cross-validate as ``config.training`` says (scratch, probe or finetune) over uint8 ``images``
     (N, H, W, C): an array, or a memory-mapped :class:`ml.image_stack.ImageStack` that the probe reads
-    batch by batch (only images missing from the feature cache). ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from
-    ``config.backbone`` / ``config.weights``). The result's ``ensemble`` scores later images."""
+    batch by batch (only images missing from the feature cache; scratch and finetune read it whole).
+    ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from ``config.backbone``
+    / ``config.weights``). The result's ``ensemble`` scores later images."""
     from ml.backbones import describe, image_side_and_channels, load_backbone
 
     device = device or pick_device()
