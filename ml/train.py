@@ -174,10 +174,11 @@ def score_out_of_sample(ensemble: nn.Module, images: np.ndarray, member: np.ndar
         if features is not None:
             probs[chosen], embeddings[chosen] = predict_features(ensemble.members[m], features[chosen])
             continue
-        x = torch.from_numpy(np.ascontiguousarray(images[chosen]))
         if isinstance(ensemble, FinetuneEnsemble):
-            probs[chosen], embeddings[chosen] = predict_images(ensemble.members[m], torch.device("cpu"), x, batch_size)
+            probs[chosen], embeddings[chosen] = predict_images(ensemble.members[m], torch.device("cpu"), images,
+                                                               batch_size, rows=chosen)
         else:
+            x = torch.from_numpy(np.ascontiguousarray(images[chosen]))
             probs[chosen], embeddings[chosen] = predict(ensemble.members[m], torch.device("cpu"), x, batch_size)
     return probs, embeddings
 
@@ -637,10 +638,18 @@ def _augment(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([transform(image) for image in chw]).permute(0, 2, 3, 1)
 
 
-def fit_finetune(backbone_factory: Callable[[], nn.Module], images: torch.Tensor, labels: torch.Tensor,
+def _read_batch(images, rows: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, C) tensor of ``images`` (an array or an ImageStack) at ``rows``, read now."""
+    pixels = np.ascontiguousarray(images[rows])
+    return torch.from_numpy(pixels[..., None] if pixels.ndim == 3 else pixels)
+
+
+def fit_finetune(backbone_factory: Callable[[], nn.Module], images, rows: np.ndarray, labels: torch.Tensor,
                  n_classes: int, config: TrainConfig, device: torch.device, seed: int,
                  on_epoch: EpochCallback | None = None, fold: int | None = None) -> FinetunedNet:
-    """Train a fresh pretrained backbone and head on uint8 ``images`` (N, H, W, C) end to end.
+    """Train a fresh pretrained backbone and head end to end on uint8 ``images`` (N, H, W[, C]; an array
+    or a memory-mapped ImageStack) at ``rows`` (M,), whose labels are ``labels`` (M,); each batch is
+    read when its turn comes.
 
     The backbone learns at a tenth of the head's rate (its features are already good); mixed
     precision (bfloat16 autocast) on CUDA; float32 on the CPU.
@@ -660,13 +669,13 @@ def fit_finetune(backbone_factory: Callable[[], nn.Module], images: torch.Tensor
     use_autocast = device.type == "cuda"
     for epoch in range(1, config.epochs + 1):
         model.train()
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(rows), generator=generator)
         total, seen, started = 0.0, 0, time.perf_counter()
         for start in range(0, len(order), config.batch_size):
             index = order[start:start + config.batch_size]
             if len(index) < 2:  # batch norm needs two samples
                 continue
-            batch = _augment(images[index]).to(device, non_blocking=True)
+            batch = _augment(_read_batch(images, rows[index.numpy()])).to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 x = backbone.prepare(batch).contiguous(memory_format=torch.channels_last)
@@ -687,13 +696,15 @@ def fit_finetune(backbone_factory: Callable[[], nn.Module], images: torch.Tensor
 
 
 @torch.no_grad()
-def predict_images(model: FinetunedNet, device: torch.device, images: torch.Tensor,
-                   batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities (N, K) and embeddings (N, 128) of uint8 ``images`` (N, H, W, C) by a fine-tuned model."""
+def predict_images(model: FinetunedNet, device: torch.device, images, batch_size: int = 256,
+                   rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (M, K) and embeddings (M, 128) by a fine-tuned model of uint8 ``images`` (N, H, W[, C];
+    an array or an ImageStack) at ``rows`` (M,; None: all), read batch by batch."""
     model.eval()
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     probs, embeds = [], []
-    for start in range(0, len(images), batch_size):
-        batch = images[start:start + batch_size].to(device)
+    for start in range(0, len(rows), batch_size):
+        batch = _read_batch(images, rows[start:start + batch_size]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             x = model.backbone.prepare(batch).contiguous(memory_format=torch.channels_last)
             features = model.backbone(x).float()
@@ -702,15 +713,13 @@ def predict_images(model: FinetunedNet, device: torch.device, images: torch.Tens
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(embeds).numpy()
 
 
-def cross_validate_finetune(images: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig,
+def cross_validate_finetune(images, labels: np.ndarray, n_classes: int, config: TrainConfig,
                             backbone_factory: Callable[[], nn.Module], device: torch.device | None = None,
                             on_epoch: EpochCallback | None = None) -> CrossValResult:
-    """K-fold fine-tuning of a pretrained backbone over uint8 ``images`` (N, H, W, C)."""
+    """K-fold fine-tuning of a pretrained backbone over uint8 ``images`` (N, H, W[, C]; an array or a
+    memory-mapped ImageStack, read batch by batch)."""
     device = device or pick_device()
     n = len(labels)
-    if images.ndim == 3:
-        images = images[..., None]
-    x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(labels.astype(np.int64))
     fold_of = np.zeros(n, dtype=np.int64)
     probs, embeddings = np.zeros((n, n_classes)), np.zeros((n, 128), np.float32)
@@ -718,9 +727,9 @@ def cross_validate_finetune(images: np.ndarray, labels: np.ndarray, n_classes: i
     meter = _Meter(device)
     for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
         with meter.count(len(train_idx) * config.epochs):
-            model = fit_finetune(backbone_factory, x_all[train_idx], y_all[train_idx], n_classes, config, device,
+            model = fit_finetune(backbone_factory, images, train_idx, y_all[train_idx], n_classes, config, device,
                                  config.seed * 1000 + fold, on_epoch, fold + 1)
-        p, e = predict_images(model, device, x_all[test_idx])
+        p, e = predict_images(model, device, images, rows=test_idx)
         probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
         accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))
         log.info("head=%s fold %d/%d (fine-tuned): held-out accuracy %.4f", config.head, fold + 1, config.folds,
@@ -738,7 +747,7 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
                 feature_cache: Path | None = None, backbone=None) -> CrossValResult:
     """Cross-validate as ``config.training`` says (scratch, probe or finetune) over uint8 ``images``
     (N, H, W, C): an array, or a memory-mapped :class:`ml.image_stack.ImageStack` that the probe reads
-    batch by batch (only images missing from the feature cache; scratch and finetune read it whole).
+    batch by batch (the probe only images missing from the feature cache; scratch reads it whole).
     ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from ``config.backbone``
     / ``config.weights``). The result's ``ensemble`` scores later images."""
     from ml.backbones import describe, image_side_and_channels, load_backbone
@@ -768,8 +777,7 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
             fresh.input_size = input_size
             return fresh
 
-        result = cross_validate_finetune(np.asarray(images), labels, n_classes, config, fresh_backbone, device,
-                                         on_epoch)
+        result = cross_validate_finetune(images, labels, n_classes, config, fresh_backbone, device, on_epoch)
     else:
         raise ValueError(f"unknown training {config.training!r}")
     result.stats.update(describe(backbone))

@@ -157,7 +157,9 @@ def test_probe_reads_memory_mapped_deliveries_as_it_reads_an_array(tmp_path):
     np.testing.assert_allclose(from_stack.probs, from_array.probs, atol=1e-6)
 
 
-def test_finetune_runs_on_the_cpu_on_a_few_images():
+def test_finetune_runs_on_the_cpu_on_a_few_images(tmp_path):
+    from ml.image_stack import ImageStack
+
     images, labels = _photos(12)
     config = TrainConfig(folds=2, epochs=1, batch_size=4, backbone="mobilenet_v3_small", weights="none",
                          training="finetune")
@@ -173,6 +175,12 @@ def test_finetune_runs_on_the_cpu_on_a_few_images():
     loaded = ensemble_from_payload(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True), 2)
     probs, _ = score_out_of_sample(loaded, images, result.fold)
     np.testing.assert_allclose(probs, result.probs, atol=1e-4)
+    # memory-mapped deliveries are read batch by batch to the same result
+    np.save(tmp_path / "first.npy", images[:5])
+    np.save(tmp_path / "second.npy", images[5:])
+    stack = ImageStack.open([tmp_path / "first.npy", tmp_path / "second.npy"])
+    from_stack = train_folds(stack, labels, 2, config, device=torch.device("cpu"), backbone=backbone)
+    np.testing.assert_allclose(from_stack.probs, result.probs, atol=1e-5)
 
 
 def test_training_mode_auto_is_probe_on_a_cpu_and_scratch_for_the_small_cnn():
