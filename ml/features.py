@@ -24,6 +24,7 @@ import torch
 
 from ml.backbones import Backbone
 from ml.files import atomic_write_bytes, atomic_write_text
+from ml.image_stack import read_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def compute_features(backbone: Backbone, images, device: torch.device | None = N
     out = np.zeros((len(rows), backbone.feature_dim), np.float32)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     for start in range(0, len(rows), batch_size):
-        pixels = np.ascontiguousarray(images[rows[start:start + batch_size]])
-        batch = torch.from_numpy(pixels[..., None] if pixels.ndim == 3 else pixels).to(device)
+        batch = torch.from_numpy(read_rows(images, rows[start:start + batch_size])).to(device)
         with autocast:
             x = backbone.prepare(batch).contiguous(memory_format=torch.channels_last)
             out[start:start + len(batch)] = backbone(x).float().cpu().numpy()

@@ -8,6 +8,13 @@ from pathlib import Path
 import numpy as np
 
 
+def read_rows(images, rows: np.ndarray) -> np.ndarray:
+    """uint8 (B, H, W, C) of ``images`` (N, H, W[, C]; an array or an ImageStack) at ``rows``, read now
+    into one contiguous array (grayscale without a channel axis gets one)."""
+    pixels = np.ascontiguousarray(images[rows])
+    return pixels[..., None] if pixels.ndim == 3 else pixels
+
+
 class ImageStack:
     """uint8 images (N, H, W, C) stored as several ``.npy`` files of the same image shape, in order.
 

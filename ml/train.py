@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
+from ml.image_stack import read_rows
+
 log = logging.getLogger(__name__)
 
 # called after each epoch with {"fold": 1..K, "epoch": 1..E, "train_loss": ...}: folds count from 1 everywhere
@@ -638,12 +640,6 @@ def _augment(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([transform(image) for image in chw]).permute(0, 2, 3, 1)
 
 
-def _read_batch(images, rows: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, C) tensor of ``images`` (an array or an ImageStack) at ``rows``, read now."""
-    pixels = np.ascontiguousarray(images[rows])
-    return torch.from_numpy(pixels[..., None] if pixels.ndim == 3 else pixels)
-
-
 def fit_finetune(backbone_factory: Callable[[], nn.Module], images, rows: np.ndarray, labels: torch.Tensor,
                  n_classes: int, config: TrainConfig, device: torch.device, seed: int,
                  on_epoch: EpochCallback | None = None, fold: int | None = None) -> FinetunedNet:
@@ -675,7 +671,7 @@ def fit_finetune(backbone_factory: Callable[[], nn.Module], images, rows: np.nda
             index = order[start:start + config.batch_size]
             if len(index) < 2:  # batch norm needs two samples
                 continue
-            batch = _augment(_read_batch(images, rows[index.numpy()])).to(device, non_blocking=True)
+            batch = _augment(torch.from_numpy(read_rows(images, rows[index.numpy()]))).to(device, non_blocking=True)
             y = labels[index].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 x = backbone.prepare(batch).contiguous(memory_format=torch.channels_last)
@@ -704,7 +700,7 @@ def predict_images(model: FinetunedNet, device: torch.device, images, batch_size
     rows = np.arange(len(images)) if rows is None else np.asarray(rows)
     probs, embeds = [], []
     for start in range(0, len(rows), batch_size):
-        batch = _read_batch(images, rows[start:start + batch_size]).to(device)
+        batch = torch.from_numpy(read_rows(images, rows[start:start + batch_size])).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             x = model.backbone.prepare(batch).contiguous(memory_format=torch.channels_last)
             features = model.backbone(x).float()
@@ -746,8 +742,8 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
                 device: torch.device | None = None, on_epoch: EpochCallback | None = None,
                 feature_cache: Path | None = None, backbone=None) -> CrossValResult:
     """Cross-validate as ``config.training`` says (scratch, probe or finetune) over uint8 ``images``
-    (N, H, W, C): an array, or a memory-mapped :class:`ml.image_stack.ImageStack` that the probe reads
-    batch by batch (the probe only images missing from the feature cache; scratch reads it whole).
+    (N, H, W, C): an array, or a memory-mapped :class:`ml.image_stack.ImageStack`, read batch by batch
+    (the probe reads only the images missing from the feature cache; scratch training reads all at once).
     ``backbone``: an already loaded :class:`ml.backbones.Backbone` (else loaded from ``config.backbone``
     / ``config.weights``). The result's ``ensemble`` scores later images."""
     from ml.backbones import describe, image_side_and_channels, load_backbone
