@@ -92,7 +92,8 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     return done.scorecard
 
 
-def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: bool = False) -> AuditRun:
+def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: bool = False,
+          rescore: bool = False) -> AuditRun:
     """:func:`run_audit` with the run's summary; ``debug`` keeps Dagster's tracebacks and DEBUG events;
     ``ingest_only`` stops after ingesting and versioning the data (no scorecard: the ``ingest`` stage
     of the home's dvc.yaml)."""
@@ -103,10 +104,11 @@ def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: b
     # one audit of a home at a time: a second `run` (a batch landing mid-run, the schedule) waits,
     # then finds what the first left to do
     with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
-        return _audit_locked(home, retrain, debug, ingest_only)
+        return _audit_locked(home, retrain, debug, ingest_only, rescore)
 
 
-def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = False) -> AuditRun:
+def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = False,
+                  rescore: bool = False) -> AuditRun:
     from ml.config import CONFIG_NAME, load_settings
     from ml.delivery import (
         Delivery, changed_deliveries, check_taxonomy, delivery_outcome, has_curated, is_ingested, load_curated_rows,
@@ -197,7 +199,7 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
         config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
         execute("audit_vendors", run_config=config)
-    elif curated_now or rescored or not scorecard_path.is_file() or _scored_another_version(audit_home):
+    elif rescore or curated_now or rescored or not scorecard_path.is_file() or _scored_another_version(audit_home):
         log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
         execute("score_vendors")
     elif answers_changed(audit_home):
@@ -467,7 +469,8 @@ def _run(args) -> int:
     from ml.delivery import DeliveryError
 
     ingest_only = getattr(args, "ingest_only", False)
-    done = audit(args.home, retrain=args.retrain, debug=args.debug, ingest_only=ingest_only)
+    done = audit(args.home, retrain=args.retrain, debug=args.debug, ingest_only=ingest_only,
+                 rescore=getattr(args, "rescore", False))
     if ingest_only:
         print("\n".join(format_summary(done.summary)))
         return 3 if done.summary.input_problems else 0
@@ -809,6 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(checks/demo.csv) and run again (default: none, no hand checks)")
     p = add("run", "ingest new deliveries and audit the vendors")
     p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
+    p.add_argument("--rescore", action="store_true",
+                   help="re-estimate label issues and the scorecard with the champion model even if nothing is new "
+                        "(after upgrading vendor-audit, say); no retraining")
     p.add_argument("--ingest-only", action="store_true",
                    help="only ingest new deliveries and version the data with DVC, no scoring (the ingest stage "
                         "of the home's dvc.yaml)")

@@ -1,5 +1,6 @@
 """The whole audit through the command line on real parts: DVC, MLflow, Dagster, real images."""
 
+import io
 import json
 import subprocess
 import sys
@@ -97,6 +98,13 @@ def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home,
     assert {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()} == before
     assert (audited_home / "reports" / "scorecard.csv").read_bytes() == scorecard_before
     assert "true_error_rate" in capsys.readouterr().out
+
+    # --rescore: the scoring job runs again with the champion (no training), to the same scorecard
+    assert main(["run", "--home", str(audited_home), "--rescore"]) == 0
+    rescored = _materialized(open_instance(audited_home), before)
+    assert set(rescored) == {"curated_dataset", "hand_checks", "label_issues", "vendor_scorecard"}
+    assert pd.read_csv(audited_home / "reports" / "scorecard.csv").equals(pd.read_csv(io.BytesIO(scorecard_before)))
+    before = {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()}
 
     # a new delivery: only its partition is ingested and scored, by the champion, with no retraining
     simulate_deliveries(load_digits_upscaled(), {"d": 0.2}, 150, audited_home, seed=9, batch="batch-002")
