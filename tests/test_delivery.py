@@ -154,9 +154,10 @@ def test_curated_images_are_memory_mapped_per_delivery_and_read_as_one(tmp_path)
 
     first = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2, 1)
     second = 100 + np.arange(2 * 2 * 2, dtype=np.uint8).reshape(2, 2, 2, 1)
-    for name, array in (("first", first), ("second", second)):
+    empty = np.zeros((0, 2, 2, 1), np.uint8)  # a delivery whose rows were all quarantined
+    for name, array in (("first", first), ("empty", empty), ("second", second)):
         np.save(tmp_path / f"{name}.npy", array)
-    stack = ImageStack.open([tmp_path / "first.npy", tmp_path / "second.npy"])
+    stack = ImageStack.open([tmp_path / "first.npy", tmp_path / "empty.npy", tmp_path / "second.npy"])
     whole = np.concatenate([first, second])
     assert stack.shape == whole.shape and len(stack) == 5 and isinstance(stack.parts[0], np.memmap)
     np.testing.assert_array_equal(np.asarray(stack), whole)
