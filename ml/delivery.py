@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ml.files import atomic_write_bytes, atomic_write_csv
+from ml.files import atomic_write_bytes, atomic_write_csv, file_sha256
 from ml.image_stack import ImageStack
 from ml.images import ImageError, decode_image, probe_image
 
@@ -277,7 +277,7 @@ def ingest_delivery(
         except ImageError as exc:
             reject(row, str(exc))
             continue
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest in seen_content:
             first_row, first_label = seen_content[digest]
             relation = "the same label" if first_label == label else f"another label ({first_label})"
@@ -374,10 +374,6 @@ def has_changed(delivery: Delivery, curated: Path, state: Path) -> bool:
 def changed_deliveries(landing: Path, curated: Path, state: Path) -> list[str]:
     """Keys of ingested or rejected deliveries whose files changed in the landing folder since."""
     return [d.key for d in find_ready_deliveries(landing) if has_changed(d, curated, state)]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---- curated storage -------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Files: atomic writes (a reader sees the old file or the new one, never a half-written one) and
+content digests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -25,3 +27,12 @@ def atomic_write_csv(path: Path, frame: pd.DataFrame) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 hex digest of a file's content, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
