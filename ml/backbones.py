@@ -18,7 +18,6 @@ Weights (the ``weights`` setting):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ml import efficientnet_lite
+from ml.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,11 @@ def _efficientnet_lite0(weights: str) -> Backbone:
         path = Path(weights).expanduser() if is_weights_path(weights) else efficientnet_lite.packaged_weights_path()
         state = _read_state_dict(path, weights)
         try:
-            efficientnet_lite.load_state(model, state)
-        except (RuntimeError, ValueError) as exc:
+            state = efficientnet_lite.to_own_names(state)
+        except ValueError as exc:
             raise BackboneError(f"weights {weights!r}: not an EfficientNet-Lite0 state dict ({exc})") from exc
-        identity = f"{EFFICIENTNET_LITE0}:{_file_digest(path)}"
+        _load_into(model, state, weights)  # strictly, but the classifier when its class count differs
+        identity = f"{EFFICIENTNET_LITE0}:{file_sha256(path)[:16]}"
     return Backbone(EFFICIENTNET_LITE0, weights, identity, _LiteTrunk(model), efficientnet_lite.FEATURE_DIM,
                     efficientnet_lite.NATIVE_SIZE, efficientnet_lite.MEAN, efficientnet_lite.STD)
 
@@ -229,7 +230,7 @@ def _torchvision(name: str, weights: str) -> Backbone:
         else:
             path = Path(weights).expanduser()
             _load_into(model, _read_state_dict(path, weights), weights)
-            identity = f"{name}:{_file_digest(path)}"
+            identity = f"{name}:{file_sha256(path)[:16]}"
         default = torchvision.models.get_model_weights(name).DEFAULT
         size, mean, std = _preset(default, size, mean, std)
     else:
@@ -315,14 +316,6 @@ def _strip_classifier(model: nn.Module, name: str) -> tuple[nn.Module, int]:
     dim = parent.get_submodule(last.rpartition(".")[2]).in_features
     setattr(parent, last.rpartition(".")[2], nn.Identity())
     return model, int(dim)
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def describe(backbone: Backbone | None) -> dict:

@@ -156,24 +156,6 @@ def packaged_weights_path() -> Path:
     return path
 
 
-def load_state(model: EfficientNetLite0, state: dict[str, torch.Tensor]) -> None:
-    """Load a state dict in either naming, strictly (every parameter present, nothing left over).
-
-    The classifier is skipped when its shape differs (weights fine-tuned for other classes); the
-    features are what the project uses.
-    """
-    if any(key.startswith("_") for key in state):
-        state = convert_state_dict(state)
-    own = model.state_dict()
-    if any(state.get(k) is not None and state[k].shape != own[k].shape for k in ("classifier.weight", "classifier.bias")):
-        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        state.update({k: v for k, v in own.items() if k.startswith("classifier.")})
-    model.load_state_dict(state, strict=True)
-
-
-def efficientnet_lite0(weights: Path | None = None) -> EfficientNetLite0:
-    """EfficientNet-Lite0 with the state dict at ``weights`` (default: the packaged ImageNet weights)."""
-    model = EfficientNetLite0()
-    path = weights or packaged_weights_path()
-    load_state(model, torch.load(path, map_location="cpu", weights_only=True))
-    return model.eval()
+def to_own_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict in either naming, in this module's (:func:`convert_state_dict` for the published one)."""
+    return convert_state_dict(state) if any(key.startswith("_") for key in state) else state
