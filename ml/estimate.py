@@ -281,13 +281,6 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
     return InjectedFlips(np.concatenate(flip_vendor), np.concatenate(flip_score), pooled_from)
 
 
-def injected_sensitivity(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
-                         **options) -> np.ndarray:
-    """(V,) mean counted probability of error the estimator gives labels known to be wrong
-    (:func:`inject_flips`, same options)."""
-    return inject_flips(probs, given, vendor, model, **options).sensitivity()
-
-
 def model_false_positive(counted_error: np.ndarray, vendor: np.ndarray, n_vendors: int) -> np.ndarray:
     """(V,) the probability of error the model itself expects to give a correct label:
     sum(p * (1 - p)) / sum(1 - p) over a vendor's counted p_error ``p`` (N,)."""
@@ -384,6 +377,6 @@ def vendor_error_rates(
     # from its own mistakes, which only add to the estimate (measured: a vendor with no error, alone,
     # read 4.2% [0.8, 8.3] on Fashion-MNIST and 5.4% [2.1, 8.4] on photos): the data bound the rate
     # from above only, and the interval says so by starting at 0.
-    upper_only = np.full(n_vendors, len(np.unique(vendor[trained])) == 1)
+    upper_only = np.full(n_vendors, flips.pooled_from.sum() == 1)  # pooled_from: the vendors trained on
     low = np.where(upper_only, 0.0, low)
     return VendorRates(point, low, high, boot, raw, sensitivity, false_positive, n_images, weak, upper_only)

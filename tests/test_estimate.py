@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS, run_audit
-from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, injected_sensitivity,
+from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, inject_flips,
                          vendor_error_rates)
 from ml.issues import cleanlab_baseline, outlier_scores
 from ml.scorecard import COMPARISON_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors
@@ -58,7 +58,7 @@ def test_noise_model_recovers_vendor_rates_where_cleanlab_overstates():
 def test_injected_flips_measure_how_much_of_a_real_error_the_estimator_counts():
     probs, given, true, vendor = synthetic([0.0, 0.1, 0.2])
     model = fit_noise_model(probs, given, vendor)
-    injected = injected_sensitivity(probs, given, vendor, model, repeats=4)
+    injected = inject_flips(probs, given, vendor, model, repeats=4).sensitivity()
     p_error = model.p_error(given)
     for v in (1, 2):  # vendors with real errors: the injected flips stand in for them
         real = p_error[(vendor == v) & (given != true)].mean()
