@@ -12,7 +12,6 @@ from ml.audit import run_audit
 from ml.check_plan import apply_checks, read_answers
 from ml.delivery import Delivery, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key
 from ml.files import atomic_write_bytes, atomic_write_csv
-from ml.train import ProbeEnsemble
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
     batch_scores_path, champion_outputs, load_ensemble, load_image_ids, load_outputs, save_batch_scores, score_new_delivery,
@@ -55,10 +54,9 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
     if rows["image_id"].isin(load_image_ids(audit_home.models, champion["dataset_version"], champion["head"])).all():
         return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']} out-of-fold"})
     trained = load_outputs(audit_home.models, champion["dataset_version"], champion["head"])
+    # a probe ensemble reads the same backbone's features from the training's cache
     ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"],
-                             audit_home.settings().classes)
-    if isinstance(ensemble, ProbeEnsemble):  # the same backbone's features, cached with the training's
-        ensemble.feature_cache = audit_home.root / "features"
+                             audit_home.settings().classes, feature_cache=audit_home.features)
     outputs = score_new_delivery(ensemble, rows, images, trained, load_curated_rows(audit_home.curated))
     path = batch_scores_path(audit_home.root, champion["model_version"], vendor, batch)
     save_batch_scores(path, outputs)

@@ -13,6 +13,7 @@ from ml.backbones import choose_backbone, image_side_and_channels, load_backbone
 from ml.delivery import load_curated
 from ml.files import atomic_write_bytes
 from ml.train import SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_heads, resolve_training, train_folds
+from pipelines.locks import TRAINING_POOL
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import ModelOutputs, champion_outputs, load_selection, save_ensemble, save_outputs
 
@@ -61,12 +62,14 @@ def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np
     device, backbone, training mode, throughput and peak memory, the dataset input (``dataset``: its
     rows and source, see :func:`log_dataset_input`), and the model."""
     device = pick_device()
+    # on the run and on the registered version alike
+    model_tags = {"dataset_version": dataset_version, "head": config.head, "backbone": config.backbone,
+                  "weights": config.weights, "training": config.training}
     with mlflow.start_run(run_name=f"{config.head}-{dataset_version[:8]}") as run:
         if dataset is not None:
             rows, source = dataset
             log_dataset_input(mlflow, rows, dataset_version, source)
-        mlflow.set_tags({"dataset_version": dataset_version, "head": config.head, "device": device.type,
-                         "backbone": config.backbone, "weights": config.weights, "training": config.training})
+        mlflow.set_tags({**model_tags, "device": device.type})
         mlflow.log_params({**asdict(config), "n_images": len(labels), "n_classes": len(classes), "device": device.type})
 
         def on_epoch(event: dict) -> None:
@@ -91,9 +94,7 @@ def train_and_log(mlflow, registered_model: str, config: TrainConfig, images: np
         )
         model_version = str(info.registered_model_version)
         client = mlflow.MlflowClient()
-        client.set_model_version_tag(registered_model, model_version, "dataset_version", dataset_version)
-        client.set_model_version_tag(registered_model, model_version, "head", config.head)
-        for key, value in {"backbone": config.backbone, "weights": config.weights, "training": config.training}.items():
+        for key, value in model_tags.items():
             client.set_model_version_tag(registered_model, model_version, key, value)
     return result, {"head": config.head, "run_id": run.info.run_id, "model_version": model_version,
                     "heldout_accuracy": heldout_accuracy, "backbone": config.backbone, "weights": config.weights,
@@ -111,7 +112,7 @@ def champion_accuracy(audit_home: AuditHome, champion: dict, rows, labels: np.nd
     deps=[curated_dataset],
     group_name="vendor_audit",
     kinds={"pytorch", "mlflow"},
-    pool="training",  # pipelines.locks.TRAINING_POOL: one training at a time
+    pool=TRAINING_POOL,  # one training at a time
     description="K-fold cross-validated classifiers (the backbone and training mode the settings or the images "
                 "choose: small CNN from scratch, frozen pretrained features with trained heads, or fine-tuning), "
                 "one MLflow run per head (softmax, L2-softmax), each registered; "
@@ -140,7 +141,7 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
         result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model,
                                               _train_config(settings, head, backbone_name, weights, mode),
                                               images, labels, settings.classes, dataset_version, context.log,
-                                              feature_cache=audit_home.root / "features", backbone=backbone,
+                                              feature_cache=audit_home.features, backbone=backbone,
                                               dataset=(rows, dvc.version_location(dataset_version)))
         outputs = ModelOutputs(rows["image_id"].to_numpy(), result.probs, result.embeddings, result.fold)
         save_outputs(audit_home.models, dataset_version, head, outputs, run)
@@ -148,8 +149,8 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
         runs.append(run)
         predictions[head] = result.probs.argmax(axis=1)
     best = max(runs, key=lambda r: r["heldout_accuracy"])
-    heads = ", ".join(f"v{r['model_version']} {r['head']} {r['heldout_accuracy']:.4f}" for r in runs)
-    decision = f"no champion before: the best held-out accuracy of this training's heads ({heads})"
+    trained = ", ".join(f"v{r['model_version']} {r['head']} {r['heldout_accuracy']:.4f}" for r in runs)
+    decision = f"no champion before: the best held-out accuracy of this training's heads ({trained})"
     if champion is not None:
         reference, covered = champion_accuracy(audit_home, champion, rows, labels)
         candidate = float((predictions[best["head"]][covered] == labels[covered]).mean())

@@ -75,6 +75,11 @@ class AuditHome(dg.ConfigurableResource):
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def features(self) -> Path:
+        """The feature cache of pretrained backbones (ml.features), shared by training and scoring."""
+        return self.root / "features"
+
 
 CHAMPION = "champion"
 
