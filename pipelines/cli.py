@@ -92,18 +92,24 @@ def run_audit(home: Path, retrain: bool = False) -> pd.DataFrame:
     return done.scorecard
 
 
+def audit_lock(home: Path):
+    """One audit of ``home`` at a time, across processes: a second ``run`` (a batch landing mid-run, the
+    schedule) waits, then finds what the first left to do; ``plan`` and ``checkout`` take it too, so
+    they never run under an audit."""
+    from pipelines.locks import exclusive
+
+    return exclusive(home / ".locks" / "run.lock", f"the audit of {home}")
+
+
 def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: bool = False,
           rescore: bool = False) -> AuditRun:
     """:func:`run_audit` with the run's summary; ``debug`` keeps Dagster's tracebacks and DEBUG events;
     ``ingest_only`` stops after ingesting and versioning the data (no scorecard: the ``ingest`` stage
     of the home's dvc.yaml)."""
     from ml.config import load_settings
-    from pipelines.locks import exclusive
 
     load_settings(home)  # a missing or invalid settings file stops here, before anything runs
-    # one audit of a home at a time: a second `run` (a batch landing mid-run, the schedule) waits,
-    # then finds what the first left to do
-    with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
+    with audit_lock(home):
         return _audit_locked(home, retrain, debug, ingest_only, rescore)
 
 
@@ -126,21 +132,23 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
     instance = open_instance(home)
     defs = build_definitions(str(home))
     dvc = DvcRepo(audit_home=audit_home)
+    scorecard_path = home / "reports" / "scorecard.csv"
+
+    def summary(keys=(), changed=()):
+        """What this run read (deliveries ``keys``), did and found, for the closing summary."""
+        return summarize_run(list(keys), audit_home.landing, audit_home.curated, audit_home.quarantine,
+                             audit_home.delivery_state, settings.quarantine_warn_share, scorecard_path, list(changed))
+
     restored = dvc.checked_out_version()
     if restored is not None and ingest_only:
         log.warning("dataset version %s is checked out (vendor-audit checkout): nothing is ingested", restored)
-        return AuditRun(None, summarize_run([], audit_home.landing, audit_home.curated, audit_home.quarantine,
-                                            audit_home.delivery_state, settings.quarantine_warn_share,
-                                            home / "reports" / "scorecard.csv", []))
+        return AuditRun(None, summary())
     if restored is not None:  # a past dataset version: audit exactly that data, ingest nothing new
         log.warning("dataset version %s is checked out (vendor-audit checkout): re-scoring it without ingesting "
                     "new deliveries; vendor-audit checkout --home %s --dataset-version latest returns to the latest",
                     restored, home)
         _execute(defs, "score_vendors", instance, debug)
-        scorecard_path = home / "reports" / "scorecard.csv"
-        return AuditRun(pd.read_csv(scorecard_path), summarize_run([], audit_home.landing, audit_home.curated,
-                                                                   audit_home.quarantine, audit_home.delivery_state,
-                                                                   settings.quarantine_warn_share, scorecard_path, []))
+        return AuditRun(pd.read_csv(scorecard_path), summary())
     for ignored in scan_landing(audit_home.landing).ignored:
         log.warning("landing/%s ignored: %s", ignored.path, ignored.reason)
     added = new_deliveries(instance, audit_home)
@@ -171,20 +179,14 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
     for key in changed:
         log.error("delivery %s changed in the landing folder after it was read: the change is ignored "
                   "(ingested rows are never replaced); deliver it again under a new batch name", key)
-    scorecard_path = home / "reports" / "scorecard.csv"
-
-    def summary():
-        return summarize_run(keys, audit_home.landing, audit_home.curated, audit_home.quarantine,
-                             audit_home.delivery_state, settings.quarantine_warn_share, scorecard_path, changed)
-
     if ingest_only:  # version what was read; the audit stage scores it
         if has_curated(audit_home.curated):
             version, commit = dvc.snapshot_dataset(load_curated_rows(audit_home.curated))
             log.info("dataset version %s%s", version, f" (commit {commit[:8]})" if commit else "")
         dvc.snapshot_folders(dvc.answer_folders())
-        return AuditRun(None, summary())
+        return AuditRun(None, summary(keys, changed))
     if not has_curated(audit_home.curated):
-        return AuditRun(None, summary())
+        return AuditRun(None, summary(keys, changed))
     curated_now = [key for key in keys if is_ingested(delivery_of(key), audit_home.curated)]
     champion = MlflowTracking(audit_home=audit_home).champion()
     has_model = champion is not None
@@ -199,7 +201,7 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
         log.info("auditing: dataset snapshot, training, label issues, scorecard")
         config = {"ops": {"cv_models": {"config": {"force": retrain}}}}
         execute("audit_vendors", run_config=config)
-    elif rescore or curated_now or rescored or not scorecard_path.is_file() or _scored_another_version(audit_home):
+    elif rescore or curated_now or rescored or not scorecard_path.is_file() or _scored_another_version(audit_home, dvc):
         log.info("scoring with the champion model: dataset snapshot, label issues, scorecard")
         execute("score_vendors")
     elif answers_changed(audit_home):
@@ -207,21 +209,19 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
         execute("score_vendors")
     else:
         log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
-    return AuditRun(pd.read_csv(scorecard_path), summary())
+    return AuditRun(pd.read_csv(scorecard_path), summary(keys, changed))
 
 
-def _scored_another_version(audit_home) -> bool:
+def _scored_another_version(audit_home, dvc) -> bool:
     """Whether the reports were written for another dataset version than the one in curated/ (after
     ``vendor-audit checkout`` back to the latest, say)."""
     import json
-
-    from pipelines.resources import DvcRepo
 
     provenance = audit_home.reports / "provenance.json"
     if not provenance.is_file() or not (audit_home.root / "curated.dvc").is_file():
         return False
     scored = json.loads(provenance.read_text()).get("dataset_version")
-    return scored != DvcRepo(audit_home=audit_home).version_of("curated")
+    return scored != dvc.version_of("curated")
 
 
 def _execute(defs, job_name: str, instance, debug: bool, run_config: dict | None = None, **kwargs) -> None:
@@ -395,13 +395,12 @@ def make_plan(home: Path, budget: float | None = None, halfwidth: float | None =
     from ml.config import load_settings
     from ml.delivery import load_curated_rows
     from ml.report import load_issue_images
-    from pipelines.locks import exclusive
     from pipelines.resources import AuditHome, DvcRepo
 
     settings = load_settings(home)
     issues_path = home / "reports" / "label_issues.csv"
     # the audit rewrites label_issues.csv and the plan numbers must not collide: one at a time
-    with exclusive(home / ".locks" / "run.lock", f"the audit of {home}"):
+    with audit_lock(home):
         if not issues_path.is_file():
             raise CheckPlanError(f"{issues_path}: no audit yet: run vendor-audit run --home {home} first; the plan "
                                  "is drawn from its per-image probabilities of error")
@@ -559,11 +558,10 @@ def _datasets(args) -> int:
 
 
 def _checkout(args) -> int:
-    from pipelines.locks import exclusive
     from pipelines.resources import AuditHome, DvcRepo
 
     dvc = DvcRepo(audit_home=AuditHome(home=str(args.home)))
-    with exclusive(args.home / ".locks" / "run.lock", f"the audit of {args.home}"):  # not under a running audit
+    with audit_lock(args.home):  # not under a running audit
         version = dvc.checkout_dataset(args.dataset_version)
     if dvc.checked_out_version() is None:
         print(f"dataset {version} (the latest) is in {args.home / 'curated'}; vendor-audit run ingests new deliveries "
@@ -858,7 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest checkpoint that also times a full re-run")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of each training")
     p.add_argument("--epochs", type=int, default=8, help="training epochs per fold")
-    p.add_argument("--heads", default="auto", help="classifier heads trained, comma-separated, or auto (the settings' rule)")
+    p.add_argument("--heads", default="auto",
+                   help="classifier heads trained, comma-separated, or auto (the settings' rule)")
     p.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
                    help="images of the deliveries: Fashion-MNIST (vendors a, b, c) or CIFAR-10 photos (a, b, c, d)")
     p.add_argument("--source", type=Path, default=None, metavar="PATH",
