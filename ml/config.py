@@ -106,10 +106,10 @@ class Settings:
     @field_validator("weights")
     @classmethod
     def _check_weights(cls, value, info: ValidationInfo):
+        if not value.strip():
+            raise ValueError(f"must be {RULES['weights']}")
         backbone = info.data.get("backbone")
-        if backbone is None or value in ("auto", "none") or not value.strip():
-            if not value.strip():
-                raise ValueError(f"must be {RULES['weights']}")
+        if backbone is None or value in ("auto", "none"):
             return value
         from ml.backbones import BackboneError, check_weights
 

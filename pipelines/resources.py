@@ -13,6 +13,7 @@ import dagster as dg
 import yaml
 
 from ml.config import Settings, load_settings
+from ml.files import atomic_write_bytes
 from pipelines.locks import exclusive
 
 
@@ -239,6 +240,11 @@ AUDIT_FILES = ("dvc.lock", "reports/scorecard.csv", "reports/label_issues.csv", 
 GIT_IDENTITY = {"user.name": "vendor-audit", "user.email": "vendor-audit@localhost"}
 
 
+def _dvc_file_version(text: str) -> str:
+    """The version (DVC md5) a ``.dvc`` file's text records for its one output."""
+    return str(yaml.safe_load(text)["outs"][0]["md5"])
+
+
 def _without_git_location(environ) -> dict:
     """The environment without the variables that point git at a repository (set in git hooks, for
     instance), so that the home's own repository is the one used."""
@@ -400,8 +406,6 @@ class DvcRepo(dg.ConfigurableResource):
             removed = [key for key in sorted(before) if key not in images_per_delivery]
             manifest = {"dataset_version": version, "n_images": int(sum(images_per_delivery.values())),
                         "deliveries": {k: int(n) for k, n in sorted(images_per_delivery.items())}}
-            from ml.files import atomic_write_bytes
-
             atomic_write_bytes(self.audit_home.root / DATASET_MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
             changes = ", ".join([f"+ {a}" for a in added] + [f"- {r}" for r in removed]) or "same deliveries"
             return self._commit(f"dataset {version}: {changes}",
@@ -470,7 +474,7 @@ class DvcRepo(dg.ConfigurableResource):
         if head.returncode != 0:
             return None
         current = self.version_of("curated")
-        if current == str(yaml.safe_load(head.stdout)["outs"][0]["md5"]):
+        if current == _dvc_file_version(head.stdout):
             return None
         return current if self.dataset_commit(current) is not None else None
 
@@ -495,8 +499,7 @@ class DvcRepo(dg.ConfigurableResource):
             return self.version_of("curated")
 
     def version_of(self, folder: str) -> str:
-        meta = yaml.safe_load((self.audit_home.root / f"{folder}.dvc").read_text())
-        return str(meta["outs"][0]["md5"])
+        return _dvc_file_version((self.audit_home.root / f"{folder}.dvc").read_text())
 
     def status(self) -> dict:
         return json.loads(self._dvc("status", "--json") or "{}")
