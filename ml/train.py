@@ -123,7 +123,6 @@ class SmallCNN(_HeadOutputs):
         return self.project(self.features(x))
 
 
-
 class FoldEnsemble(nn.Module):
     """The K fold models as one classifier: mean of their softmax outputs, for scoring new images.
 
@@ -440,7 +439,6 @@ class FeatureHead(_HeadOutputs):
         return self.project(self.dropout((features - self.mean) / self.scale))
 
 
-
 def generalized_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tensor:
     """(1 - p_y^q) / q, mean over the batch (Zhang & Sabuncu 2018): between cross-entropy (q -> 0)
     and the mean absolute error (q = 1), which a wrong label pulls on less."""
@@ -684,8 +682,8 @@ def fit_finetune(backbone_factory: Callable[[], nn.Module], images, rows: np.nda
             total += loss.item() * len(index)
             seen += len(index)
         log.info("head=%s fold %s/%d fine-tune epoch %d/%d loss %.4f (%.0f images/s on %s)", config.head, fold,
-                 config.folds, epoch,
-                 config.epochs, total / max(seen, 1), seen / max(time.perf_counter() - started, 1e-9), device.type)
+                 config.folds, epoch, config.epochs, total / max(seen, 1),
+                 seen / max(time.perf_counter() - started, 1e-9), device.type)
         if on_epoch:
             on_epoch({"fold": fold, "epoch": epoch, "train_loss": total / max(seen, 1)})
     return model.eval()
