@@ -51,6 +51,8 @@ SCENARIOS = {s.key: s for s in [
     Scenario("E", "digits (8x8 upscaled), 3 x 550", "digits", {"a": 0.0, "b": 0.05, "c": 0.2}, 550),
     Scenario("W", "weak model: reference case, 2 epochs", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 2000,
              epochs=2),
+    Scenario("N", "no perfect vendor: 3 x 2,000 at 3 / 8 / 15%", "fashion-mnist", {"a": 0.03, "b": 0.08, "c": 0.15},
+             2000),
     Scenario("S500", "small vendors: 3 x 500", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 500),
     Scenario("S100", "small vendors: 3 x 100", "fashion-mnist", {"a": 0.0, "b": 0.05, "c": 0.2}, 100),
     Scenario("L", "late deliveries: 3 x 2,000 trained, then a byte copy and 1,000 new images of each",
@@ -60,6 +62,9 @@ SCENARIOS = {s.key: s for s in [
              PHOTO_VENDORS, 2000, backbone="efficientnet_lite0", training="probe"),
     Scenario("P2", "photos: 4 x 2,000 CIFAR-10, pair confusions; efficientnet_lite0 probe", "cifar10",
              PHOTO_VENDORS, 2000, noise="pairs", backbone="efficientnet_lite0", training="probe"),
+    Scenario("PN", "photos: scenario P's photos, no perfect vendor (3 / 8 / 12 / 20%); efficientnet_lite0 probe",
+             "cifar10", {"a": 0.03, "b": 0.08, "c": 0.12, "d": 0.20}, 2000, backbone="efficientnet_lite0",
+             training="probe"),
     Scenario("PS", "photos: scenario P's photos, small_cnn from scratch", "cifar10", PHOTO_VENDORS, 2000),
     # for a GPU: on 2 CPU cores its 5 x 8 epochs of fine-tuning take hours
     Scenario("PF", "photos: scenario P's photos, efficientnet_lite0 fine-tuned", "cifar10", PHOTO_VENDORS, 2000,

@@ -172,6 +172,10 @@ class VendorRates:
 
 
 CountedOf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# Below this many images a 95% interval is at least about 4 points wide even for a perfect vendor
+# (exact binomial: 0 errors in 200 images leaves up to 1.8%; at 5% the interval is 2.4-9.0%), and the
+# vendor's own confusion matrix has under 20 images per class to fit.
+MIN_IMAGES_TO_RATE = 200
 MIN_SLOPE = 0.2  # below this the detector barely tells wrong labels from right ones
 PSEUDO_FLIPS = 10  # a vendor's sensitivity is shrunk toward the pooled one with this many pseudo flips
 
@@ -241,10 +245,24 @@ class InjectedFlips:
         return (found + PSEUDO_FLIPS * pooled) / (injected + PSEUDO_FLIPS)
 
 
+def confusion_shaped_targets(confusion: np.ndarray, vendor: np.ndarray, given: np.ndarray,
+                             u: np.ndarray) -> np.ndarray:
+    """(N,) a class other than ``given`` (N,) per image, drawn by ``u`` (N,) in [0, 1) from the row of
+    the given class in its vendor's ``confusion`` (V, K, K) without the diagonal: where that vendor's
+    errors from that class go, by the fitted model."""
+    k = confusion.shape[1]
+    rows = np.arange(len(given))
+    off = confusion[vendor, given]  # (N, K): C_v[given, :]
+    off[rows, given] = 0.0  # fancy indexing made a copy
+    cdf = np.cumsum(off, axis=1) / np.maximum(off.sum(axis=1, keepdims=True), 1e-12)
+    target = np.minimum((cdf <= u[:, None]).sum(axis=1), k - 1)
+    return np.where(target == given, (given + 1) % k, target)  # u rounding onto the last, given class
+
+
 def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
                  counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 12,
                  seed: int = 0, draw_keys: np.ndarray | None = None,
-                 trained: np.ndarray | None = None) -> InjectedFlips:
+                 trained: np.ndarray | None = None, like_confusion: bool = False) -> InjectedFlips:
     """The counted probability of error the estimator gives labels known to be wrong.
 
     Out-of-fold probabilities do not depend on an image's own label, so flipping a random ``share`` of
@@ -258,6 +276,10 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
     (its content hash; default its position), so a vendor's measure does not change when other images
     arrive. A vendor with few flips is shrunk toward the pooled measure (``PSEUDO_FLIPS``): three images
     give no flip at all, and their vendor gets the pooled sensitivity instead of none.
+
+    A flipped label goes to any other class alike, or with ``like_confusion`` where the vendor's fitted
+    confusion sends errors from the given class (:func:`confusion_shaped_targets`): errors between
+    classes the classifier itself confuses are harder to see, so the second measure can be lower.
     """
     n_vendors = model.confusion.shape[0]
     k = probs.shape[1]
@@ -266,9 +288,13 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
     for repeat in range(repeats):
         salt = 1_000_003 * seed + 2 * repeat
         flipped = keyed_uniform(keys, salt) < share
-        offset = 1 + np.minimum((keyed_uniform(keys, salt + 1) * (k - 1)).astype(np.int64), k - 2)
+        u = keyed_uniform(keys, salt + 1)
+        if like_confusion:
+            target = confusion_shaped_targets(model.confusion, vendor, given, u)
+        else:
+            target = (given + 1 + np.minimum((u * (k - 1)).astype(np.int64), k - 2)) % k
         labels = given.copy()
-        labels[flipped] = (given[flipped] + offset[flipped]) % k
+        labels[flipped] = target[flipped]
         refit = fit_noise_model(probs, labels, vendor, n_vendors, max_iter=100, initial_confusion=model.confusion,
                                 temperature=model.temperature, trained=trained)
         p_error = refit.p_error(labels)
@@ -286,6 +312,20 @@ def model_false_positive(counted_error: np.ndarray, vendor: np.ndarray, n_vendor
     sum(p * (1 - p)) / sum(1 - p) over a vendor's counted p_error ``p`` (N,)."""
     return np.bincount(vendor, weights=counted_error * (1 - counted_error), minlength=n_vendors) / \
         np.maximum(np.bincount(vendor, weights=1 - counted_error, minlength=n_vendors), 1e-12)
+
+
+def classifier_allowance(excess: np.ndarray, anchors: np.ndarray) -> float:
+    """How much of the vendors' ``excess`` (V,), raw rate minus ``f``, may be the classifier's own
+    mistakes: the smallest excess among the ``anchors`` (V,) bool, at least 0.
+
+    ``f`` counts the share of ``p_error`` the model expects on correct labels, and so misses the
+    classifier's confident mistakes: images whose true class it all but rules out, where a correct
+    label reads as an error. That share is about the same for every vendor, so the data cannot tell it
+    from errors common to all vendors (measured: a perfect vendor's correct labels average about twice
+    ``f``, and pair confusions the classifier shares raise every vendor 2-3 points). No vendor has fewer
+    than 0 errors, so the share is at most the smallest excess: an interval's low end allows that much.
+    """
+    return max(0.0, float(np.min(excess[anchors])))
 
 
 def _vendor_seed(seed: int, name: str) -> list[int]:
@@ -335,6 +375,8 @@ def vendor_error_rates(
     raw = rates(model, np.ones(len(given)))
     false_positive = model_false_positive(p_error * counted, vendor, n_vendors)
     flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys, trained=trained)
+    shaped_flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys,
+                                trained=trained, like_confusion=True)
     sensitivity = flips.sensitivity()
     slope = sensitivity - false_positive
     weak = slope < MIN_SLOPE
@@ -342,37 +384,55 @@ def vendor_error_rates(
         log.warning("error detection is weak for %s (slope %s): their rates are uncertain",
                     ", ".join(np.array(names)[weak]), ", ".join(f"{x:.3f}" for x in slope[weak]))
 
-    def corrected(values: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
-        return np.clip((values - false_positive) / np.maximum(sensitivity - false_positive, MIN_SLOPE), 0, 1)
+    def corrected(values: np.ndarray, sensitivity: np.ndarray, allowance: float = 0.0) -> np.ndarray:
+        floor = false_positive + allowance
+        return np.clip((values - floor) / np.maximum(sensitivity - floor, MIN_SLOPE), 0, 1)
+
+    n_images = np.bincount(vendor, minlength=n_vendors)
+    anchors = flips.pooled_from & (n_images >= MIN_IMAGES_TO_RATE)
+    anchors = anchors if anchors.any() else flips.pooled_from
+
+    def allowance(values: np.ndarray) -> float:
+        return classifier_allowance(values - false_positive, anchors)
 
     point = corrected(raw, sensitivity)
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
     flip_groups = [np.flatnonzero(flips.vendor == v) for v in range(n_vendors)]
+    shaped_groups = [np.flatnonzero(shaped_flips.vendor == v) for v in range(n_vendors)]
     # one generator per vendor, seeded by its name: its draws do not depend on the other vendors
     generators = [np.random.default_rng(_vendor_seed(seed, name)) for name in names]
-    boot = np.empty((n_boot, n_vendors))
+    # the replicates as estimated, with the classifier allowance (low end), and with the sensitivity of
+    # errors shaped like the vendor's confusions where lower (high end)
+    boot, boot_low, boot_high = (np.empty((n_boot, n_vendors)) for _ in range(3))
     for b in range(n_boot):
         # resample images within each vendor, as counts; warm-start EM from the full fit. The flips
         # are resampled too, so that the interval carries the uncertainty of the measured sensitivity
-        weight = np.zeros(len(given))
-        flip_weight = np.zeros(len(flips.vendor))
-        for g, f, rng in zip(groups, flip_groups, generators):
-            if len(g):
-                weight[g] = rng.multinomial(len(g), np.full(len(g), 1.0 / len(g)))
-            if len(f):
-                flip_weight[f] = rng.multinomial(len(f), np.full(len(f), 1.0 / len(f)))
+        weight, flip_weight, shaped_weight = np.zeros(len(given)), np.zeros(len(flips.vendor)), \
+            np.zeros(len(shaped_flips.vendor))
+        for members, rng in zip(zip(groups, flip_groups, shaped_groups), generators):
+            for out, m in zip((weight, flip_weight, shaped_weight), members):
+                if len(m):
+                    out[m] = rng.multinomial(len(m), np.full(len(m), 1.0 / len(m)))
         kept = np.flatnonzero(weight)  # about 37% of images are not drawn: leave them out of the refit
         refit = fit_noise_model(probs[kept], given[kept], vendor[kept], n_vendors, max_iter=25, tol=1e-5,
                                 sample_weight=weight[kept], initial_confusion=model.confusion,
                                 temperature=model.temperature, trained=trained[kept])
-        boot[b] = corrected(rates(refit, weight[kept], kept), flips.sensitivity(flip_weight))
-    low, high = np.percentile(boot, [2.5, 97.5], axis=0)
-    # the percentile interval is centred on the bootstrap mean; recentre it on the point estimate
-    shift = point - boot.mean(axis=0)
-    n_images = np.bincount(vendor, minlength=n_vendors)
+        replicate_raw, replicate_sensitivity = rates(refit, weight[kept], kept), flips.sensitivity(flip_weight)
+        boot[b] = corrected(replicate_raw, replicate_sensitivity)
+        boot_low[b] = corrected(replicate_raw, replicate_sensitivity, allowance(replicate_raw))
+        boot_high[b] = corrected(replicate_raw, np.minimum(replicate_sensitivity, shaped_flips.sensitivity(shaped_weight)))
+
+    def percentile(replicates: np.ndarray, q: float, centre: np.ndarray) -> np.ndarray:
+        # the percentile interval is centred on the bootstrap mean; recentre it on its point estimate
+        return np.percentile(replicates, q, axis=0) + centre - replicates.mean(axis=0)
+
+    low = np.minimum(percentile(boot, 2.5, point),
+                     percentile(boot_low, 2.5, corrected(raw, sensitivity, allowance(raw))))
+    high = np.maximum(percentile(boot, 97.5, point),
+                      percentile(boot_high, 97.5, corrected(raw, np.minimum(sensitivity, shaped_flips.sensitivity()))))
     exact_low, exact_high = exact_binomial_interval(point, n_images)
-    low = np.minimum(np.clip(low + shift, 0, 1), exact_low)
-    high = np.maximum(np.clip(high + shift, 0, 1), exact_high)
+    low = np.minimum(np.clip(low, 0, 1), exact_low)
+    high = np.maximum(np.clip(high, 0, 1), exact_high)
     # A classifier that learned from one vendor's labels gives nothing to tell that vendor's errors
     # from its own mistakes, which only add to the estimate (measured: a vendor with no error, alone,
     # read 4.2% [0.8, 8.3] on Fashion-MNIST and 5.4% [2.1, 8.4] on photos): the data bound the rate

@@ -15,16 +15,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from ml.estimate import VendorRates, exact_binomial_interval
+from ml.estimate import MIN_IMAGES_TO_RATE, VendorRates, exact_binomial_interval
 
 SCORECARD_COLUMNS = ["vendor", "n_images", "n_flagged", "n_ambiguous", "error_rate", "error_rate_low",
                      "error_rate_high", "rank"]
 COMPARISON_COLUMNS = ["vendor_a", "vendor_b", "difference", "difference_low", "difference_high", "p_value",
                       "p_holm", "p_text", "conclusion"]
-# Below this many images a 95% interval is at least about 4 points wide even for a perfect vendor
-# (exact binomial: 0 errors in 200 images leaves up to 1.8%; at 5% the interval is 2.4-9.0%), and the
-# vendor's own confusion matrix has under 20 images per class to fit.
-MIN_IMAGES_TO_RATE = 200
 # appended to the scorecard when hand checks are folded in (after the columns the asset adds)
 SCORECARD_CHECK_COLUMNS = ["n_checked", "checked_errors", "checks_error_rate", "checks_error_rate_low",
                            "checks_error_rate_high", "model_error_rate", "model_error_rate_low",

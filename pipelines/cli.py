@@ -829,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a version listed by vendor-audit datasets (a unique prefix is enough), or latest "
                         "(no default: required)")
     p = add("bench", "benchmark the estimates against the truth and cleanlab; writes BENCHMARKS.md")
-    p.add_argument("--scenarios", default="A,B,C,D,E,W,S500,S100,L",
+    p.add_argument("--scenarios", default="A,B,C,D,E,W,N,S500,S100,L",
                    help="comma-separated scenario keys (see BENCHMARKS.md)")
     p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds of each training")

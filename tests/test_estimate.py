@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS, run_audit
-from ml.estimate import (apply_temperature, fit_noise_model, fit_temperature, inject_flips,
+from ml.estimate import (apply_temperature, confusion_shaped_targets, fit_noise_model, fit_temperature, inject_flips,
                          vendor_error_rates)
 from ml.issues import cleanlab_baseline, outlier_scores
 from ml.scorecard import COMPARISON_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors
@@ -32,6 +32,39 @@ def synthetic(rates, n_per_vendor=1500, k=10, seed=0):
     mean_noise = np.mean(rates)
     noisy = clean * (1 - mean_noise) + (1 - clean) * mean_noise / (k - 1)
     return noisy, given, true, vendor
+
+
+def confidently_mistaken(rates, share=0.04, seed=0):
+    """:func:`synthetic`, but on a ``share`` of the images the classifier is sure of a wrong class (it
+    leaves the true one 0.2%): mistakes of its own, alike for every vendor's images."""
+    probs, given, true, vendor = synthetic(rates, seed=seed)
+    k = probs.shape[1]
+    rng = np.random.default_rng(seed + 100)
+    mistaken = np.flatnonzero(rng.random(len(true)) < share)
+    probs[mistaken] = 0.002
+    probs[mistaken, (true[mistaken] + rng.integers(1, k, len(mistaken))) % k] = 1 - 0.002 * (k - 1)
+    return probs, given, true, vendor
+
+
+def pair_confused(rates, n_per_vendor=1500, k=10, seed=0):
+    """A calibrated classifier that often hesitates between the two classes of a pair (2j, 2j+1), and
+    vendors whose errors swap a pair's classes: errors the classifier finds plausible."""
+    rng = np.random.default_rng(seed)
+    vendor = np.repeat(np.arange(len(rates)), n_per_vendor)
+    n = len(vendor)
+    logits = rng.normal(0, 1.0, (n, k))
+    logits[np.arange(n), rng.integers(0, k, n)] += rng.normal(4.5, 1.5, n)
+    clean = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    partner = np.arange(k) ^ 1
+    hesitation = rng.uniform(0, 0.4, (n, 1))
+    clean = (1 - hesitation) * clean + hesitation * clean[:, partner]
+    true = (rng.random((n, 1)) > clean.cumsum(axis=1)).sum(axis=1).clip(max=k - 1)
+    given = true.copy()
+    for v, rate in enumerate(rates):
+        wrong = rng.choice(np.flatnonzero(vendor == v), int(round(rate * n_per_vendor)), replace=False)
+        given[wrong] = partner[true[wrong]]
+    mean_noise = np.mean(rates)
+    return (1 - mean_noise) * clean + mean_noise * clean[:, partner], given, true, vendor
 
 
 def test_temperature_undoes_a_known_sharpening():
@@ -76,6 +109,48 @@ def test_sensitivity_correction_keeps_rates_on_the_truth_with_covering_intervals
     # the line raw = f + (s - f) * rate that the correction inverts
     np.testing.assert_allclose(result.raw, result.false_positive + (result.sensitivity - result.false_positive)
                                * result.rate, atol=1e-9)
+
+
+def test_the_classifiers_own_confident_mistakes_are_allowed_for_at_the_low_end():
+    rates = [0.0, 0.05, 0.2]
+    probs, given, true, vendor = confidently_mistaken(rates)
+    result = vendor_error_rates(probs, given, vendor, n_boot=40)
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
+    # the mistakes read as errors of every vendor: each estimate is several points high ...
+    assert np.all(result.rate - truth > 0.02), (result.rate, truth)
+    # ... the data cannot tell, so each low end allows for them: the best vendor's reaches 0
+    assert result.low[0] == 0.0
+    assert np.all((result.low <= truth) & (truth <= result.high)), (result.low, result.high, truth)
+    # the point estimate is still the measured line's, and a share common to all cancels in a comparison
+    np.testing.assert_allclose(result.raw, result.false_positive + (result.sensitivity - result.false_positive)
+                               * result.rate, atol=1e-9)
+    by_pair = {(r.vendor_a, r.vendor_b): r for r in compare_vendors(["a", "b", "c"], result).itertuples()}
+    assert by_pair[("a", "c")].conclusion == "a has fewer errors than c"
+
+
+def test_confusion_shaped_flips_go_where_the_vendors_errors_go_and_are_harder_to_see():
+    k = 5
+    confusion = np.stack([0.8 * np.eye(k) + 0.2 * np.roll(np.eye(k), 1, axis=1),  # errors go to the next class
+                          0.8 * np.eye(k) + 0.05 * (1 - np.eye(k))])  # anywhere
+    given = np.tile(np.arange(k), 2000)
+    vendor = np.repeat([0, 1], len(given) // 2)
+    target = confusion_shaped_targets(confusion, vendor, given, np.random.default_rng(0).random(len(given)))
+    assert np.array_equal(target[vendor == 0], (given[vendor == 0] + 1) % k)
+    assert not np.any(target == given)
+    shares = np.bincount((target - given)[vendor == 1] % k, minlength=k)[1:] / (vendor == 1).sum()
+    assert np.all(np.abs(shares - 1 / (k - 1)) < 0.02), shares
+
+    # vendors that swap classes the classifier hesitates between: their errors are harder to see than
+    # flips to any class, and the flips shaped like their confusion say so
+    probs, given, true, vendor = pair_confused([0.0, 0.1, 0.25])
+    model = fit_noise_model(probs, given, vendor)
+    anywhere = inject_flips(probs, given, vendor, model, repeats=4).sensitivity()
+    shaped = inject_flips(probs, given, vendor, model, repeats=4, like_confusion=True).sensitivity()
+    real = np.array([model.p_error(given)[(vendor == v) & (given != true)].mean() for v in (1, 2)])
+    assert np.all(shaped[1:] < anywhere[1:] - 0.05) and np.all(real < shaped[1:]), (anywhere, shaped, real)
+    result = vendor_error_rates(probs, given, vendor, model=model, n_boot=40)
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
+    assert np.all((result.low <= truth) & (truth <= result.high)), (result.low, result.high, truth)
 
 
 def test_intervals_cover_and_pairwise_tests_separate_distinct_vendors():
