@@ -352,7 +352,11 @@ def vendor_error_rates(
     that line removes the shrinkage of soft posteriors toward the middle; the bootstrap (images
     resampled within each vendor, the whole noise model refitted, the injected flips resampled so that
     the uncertainty of ``s`` is in the interval) goes through the same line. The
-    interval is at least as wide as the exact binomial interval of the vendor's image count.
+    interval is at least as wide as the exact binomial interval of the vendor's image count. Its ends
+    allow for what the data cannot tell (docs/method.md): the low end for the classifier's own
+    confident mistakes (:func:`classifier_allowance`), the high end for errors as hard to see as flips
+    shaped like the vendor's fitted confusion (``s`` from :func:`inject_flips` with
+    ``like_confusion``, where lower).
 
     ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an
     error (ambiguous images excluded); ``model`` is the fit on ``given`` when already at hand.
@@ -407,8 +411,8 @@ def vendor_error_rates(
     for b in range(n_boot):
         # resample images within each vendor, as counts; warm-start EM from the full fit. The flips
         # are resampled too, so that the interval carries the uncertainty of the measured sensitivity
-        weight, flip_weight, shaped_weight = np.zeros(len(given)), np.zeros(len(flips.vendor)), \
-            np.zeros(len(shaped_flips.vendor))
+        weight = np.zeros(len(given))
+        flip_weight, shaped_weight = np.zeros(len(flips.vendor)), np.zeros(len(shaped_flips.vendor))
         for members, rng in zip(zip(groups, flip_groups, shaped_groups), generators):
             for out, m in zip((weight, flip_weight, shaped_weight), members):
                 if len(m):
