@@ -310,32 +310,51 @@ def fold_splits(labels: np.ndarray, n_classes: int, folds: int, seed: int):
     return list(_plain_kfold(n, folds, seed))
 
 
+# trains fold ``fold`` (0-based) on rows ``train_idx`` and returns its model with the held-out rows' (probs,
+# embeddings)
+FoldTrainer = Callable[[int, np.ndarray, np.ndarray], tuple[nn.Module, tuple[np.ndarray, np.ndarray]]]
+
+
+def _out_of_fold(labels: np.ndarray, n_classes: int, config: TrainConfig, train_fold: FoldTrainer,
+                 kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float], list[nn.Module]]:
+    """The K-fold loop every training mode shares: ``train_fold`` per fold of :func:`fold_splits`, its
+    held-out outputs gathered into (N, K) probs and (N, 128) embeddings, its accuracy on the given labels
+    logged (``kind``: how the fold was trained, for the log). Returns probs, embeddings, fold per image,
+    per-fold accuracy and the fold models."""
+    n = len(labels)
+    fold_of = np.zeros(n, dtype=np.int64)
+    probs, embeddings = np.zeros((n, n_classes)), np.zeros((n, 128), np.float32)
+    accuracy, models = [], []
+    for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
+        log.info("head=%s fold %d/%d: training on %d images, holding out %d", config.head, fold + 1,
+                 config.folds, len(train_idx), len(test_idx))
+        model, (probs[test_idx], embeddings[test_idx]) = train_fold(fold, train_idx, test_idx)
+        fold_of[test_idx] = fold
+        accuracy.append(float((probs[test_idx].argmax(axis=1) == labels[test_idx]).mean()))
+        log.info("head=%s fold %d/%d: held-out accuracy %.4f (%s)", config.head, fold + 1, config.folds,
+                 accuracy[-1], kind)
+        models.append(model)
+    return probs, embeddings, fold_of, accuracy, models
+
+
 def cross_validate(images: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig,
                    device: torch.device | None = None, on_epoch: EpochCallback | None = None) -> CrossValResult:
     """K-fold cross-validation (stratified on the given labels) of the small CNN over uint8 ``images``
     (N, H, W, C), trained from scratch."""
     device = device or pick_device()
-    n = len(labels)
-    fold_of = np.zeros(n, dtype=np.int64)
-    probs = np.zeros((n, n_classes))
-    embeddings = np.zeros((n, 128), dtype=np.float32)
-    accuracy, models = [], []
     x_all = torch.from_numpy(np.ascontiguousarray(images))
     y_all = torch.from_numpy(labels.astype(np.int64))
     meter = _Meter(device)
-    for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
-        log.info("head=%s fold %d/%d: training on %d images, holding out %d", config.head, fold + 1,
-                 config.folds, len(train_idx), len(test_idx))
+
+    def train_fold(fold: int, train_idx: np.ndarray, test_idx: np.ndarray):
         with meter.count(len(train_idx) * config.epochs):
             model = fit(x_all[train_idx], y_all[train_idx], n_classes, config, device,
                         seed=config.seed * 1000 + fold, on_epoch=on_epoch, fold=fold + 1)
-        p, e = predict(model, device, x_all[test_idx])
-        probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
-        accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))
-        log.info("head=%s fold %d/%d: held-out accuracy %.4f", config.head, fold + 1, config.folds, accuracy[-1])
-        models.append(model.cpu())
-    return CrossValResult(probs, embeddings, fold_of, accuracy, models, FoldEnsemble(models).eval(),
-                          meter.stats(SCRATCH))
+        outputs = predict(model, device, x_all[test_idx])
+        return model.cpu(), outputs
+
+    *outputs, models = _out_of_fold(labels, n_classes, config, train_fold, "from scratch")
+    return CrossValResult(*outputs, models, FoldEnsemble(models).eval(), meter.stats(SCRATCH))
 
 
 def _plain_kfold(n: int, folds: int, seed: int):
@@ -534,26 +553,21 @@ def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: in
                          on_epoch: EpochCallback | None = None) -> CrossValResult:
     """K-fold heads on frozen features (N, D): each fold's head, including its standardisation and
     its early stopping, sees only that fold's training images. Runs on the CPU (seconds)."""
-    n = len(labels)
     x_all = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y_all = torch.from_numpy(labels.astype(np.int64))
-    fold_of = np.zeros(n, dtype=np.int64)
-    probs, embeddings = np.zeros((n, n_classes)), np.zeros((n, 128), np.float32)
-    accuracy, heads = [], []
     meter = _Meter(torch.device("cpu"))
-    for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
+
+    def train_fold(fold: int, train_idx: np.ndarray, test_idx: np.ndarray):
         started = time.perf_counter()
         with _one_thread():
             head = fit_head(x_all[train_idx], y_all[train_idx], n_classes, config, config.seed * 1000 + fold,
                             on_epoch, fold + 1)
         meter.seconds += time.perf_counter() - started
         meter.images += len(train_idx) * head.epochs_run  # images through the head, epoch after epoch
-        p, e = predict_features(head, x_all[test_idx])
-        probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
-        accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))
-        log.info("head=%s fold %d/%d (probe): held-out accuracy %.4f", config.head, fold + 1, config.folds, accuracy[-1])
-        heads.append(head)
-    return CrossValResult(probs, embeddings, fold_of, accuracy, heads, None, meter.stats(PROBE))
+        return head, predict_features(head, x_all[test_idx])
+
+    *outputs, heads = _out_of_fold(labels, n_classes, config, train_fold, "probe")
+    return CrossValResult(*outputs, heads, None, meter.stats(PROBE))
 
 
 @contextmanager
@@ -713,24 +727,18 @@ def cross_validate_finetune(images, labels: np.ndarray, n_classes: int, config: 
     """K-fold fine-tuning of a pretrained backbone over uint8 ``images`` (N, H, W[, C]; an array or a
     memory-mapped ImageStack, read batch by batch)."""
     device = device or pick_device()
-    n = len(labels)
     y_all = torch.from_numpy(labels.astype(np.int64))
-    fold_of = np.zeros(n, dtype=np.int64)
-    probs, embeddings = np.zeros((n, n_classes)), np.zeros((n, 128), np.float32)
-    accuracy, models = [], []
     meter = _Meter(device)
-    for fold, (train_idx, test_idx) in enumerate(fold_splits(labels, n_classes, config.folds, config.seed)):
+
+    def train_fold(fold: int, train_idx: np.ndarray, test_idx: np.ndarray):
         with meter.count(len(train_idx) * config.epochs):
             model = fit_finetune(backbone_factory, images, train_idx, y_all[train_idx], n_classes, config, device,
                                  config.seed * 1000 + fold, on_epoch, fold + 1)
-        p, e = predict_images(model, device, images, rows=test_idx)
-        probs[test_idx], embeddings[test_idx], fold_of[test_idx] = p, e, fold
-        accuracy.append(float((p.argmax(axis=1) == labels[test_idx]).mean()))
-        log.info("head=%s fold %d/%d (fine-tuned): held-out accuracy %.4f", config.head, fold + 1, config.folds,
-                 accuracy[-1])
-        models.append(model.cpu())
-    return CrossValResult(probs, embeddings, fold_of, accuracy, models, FinetuneEnsemble(models).eval(),
-                          meter.stats(FINETUNE))
+        outputs = predict_images(model, device, images, rows=test_idx)
+        return model.cpu(), outputs
+
+    *outputs, models = _out_of_fold(labels, n_classes, config, train_fold, "fine-tuned")
+    return CrossValResult(*outputs, models, FinetuneEnsemble(models).eval(), meter.stats(FINETUNE))
 
 
 # ---- one entry point -----------------------------------------------------------------------------
