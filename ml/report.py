@@ -633,9 +633,10 @@ def _vendor_table(card) -> list:
               "images and corrected for what the detector misses, with a 95% interval. Likely errors: images "
               "individually flagged as probably mislabeled. Ambiguous: images that genuinely show two classes; "
               "they are not counted as errors. Rank 1 has the fewest errors; a rank alone does not mean a "
-              "difference is real (see the pairwise comparisons). The intervals' low ends allow that some of "
-              "what is counted is the model's own confident mistakes, which fall on every vendor alike and which "
-              "the data cannot tell from errors: so the vendor with the fewest errors may have none."
+              "difference is real (see the pairwise comparisons). The intervals also allow for what the data cannot "
+              "tell: at the low end, that some of what is counted is the model's own confident mistakes, which "
+              "fall on every vendor alike (so the vendor with the fewest errors may have none); at the high end, "
+              "that a vendor's errors are of the kind the model itself finds plausible, and so partly missed."
               + (" Where a vendor's images were checked by hand, its rate combines the checks with the model "
                  "(see Hand checks)." if _any_combined(card) else "")),
     ]
