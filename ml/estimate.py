@@ -23,15 +23,21 @@ EPS = 1e-6
 log = logging.getLogger(__name__)
 
 
-def keyed_uniform(keys: np.ndarray, salt: int) -> np.ndarray:
-    """(N,) uniforms in [0, 1), each a function of its key (N,) str and ``salt`` only.
+def key_hashes(keys: np.ndarray) -> np.ndarray:
+    """(N,) uint64 hashes of keys (N,) str, for :func:`keyed_uniform` (hash once, draw many times)."""
+    return np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
+                     for k in keys], dtype=np.uint64)
+
+
+def keyed_uniform(keys: np.ndarray, salt: int, hashes: np.ndarray | None = None) -> np.ndarray:
+    """(N,) uniforms in [0, 1), each a function of its key (N,) str and ``salt`` only; ``hashes`` the
+    keys' :func:`key_hashes` when already at hand.
 
     Random draws keyed by image content stay the same for an image whatever else is in the data, so
     a vendor's estimate does not move when unrelated images arrive, and identical deliveries get
     identical draws.
     """
-    base = np.array([int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little")
-                     for k in keys], dtype=np.uint64)
+    base = key_hashes(keys) if hashes is None else hashes
     with np.errstate(over="ignore"):  # splitmix64: wrap-around arithmetic is the point
         x = base + np.uint64((0x9E3779B97F4A7C15 * (salt + 1)) % 2**64)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -284,11 +290,12 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
     n_vendors = model.confusion.shape[0]
     k = probs.shape[1]
     keys = np.arange(len(given)).astype(str) if draw_keys is None else np.asarray(draw_keys)
+    hashes = key_hashes(keys)  # once: every draw below is keyed by them
     flip_vendor, flip_score = [], []
     for repeat in range(repeats):
         salt = 1_000_003 * seed + 2 * repeat
-        flipped = keyed_uniform(keys, salt) < share
-        u = keyed_uniform(keys, salt + 1)
+        flipped = keyed_uniform(keys, salt, hashes) < share
+        u = keyed_uniform(keys, salt + 1, hashes)
         if like_confusion:
             target = confusion_shaped_targets(model.confusion, vendor, given, u)
         else:
