@@ -13,6 +13,7 @@ from ml.check_plan import read_answers_state, read_plans, vendor_checks, write_a
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
 from ml.scorecard import build_scorecard, checks_last, compare_vendors
+from ml.wording import count
 from pipelines.locks import DVC_POOL
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 
@@ -74,7 +75,7 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     with mlflow.start_run(run_id=champion["run_id"]):
         mlflow.log_artifacts(str(reports), artifact_path="audit-report")
     # one line: the table itself is this materialization's metadata, and `run` prints it once
-    vendors = f"{len(scorecard)} vendor" + ("" if len(scorecard) == 1 else "s")
+    vendors = count(len(scorecard), "vendor")
     context.log.info(f"scorecard of {vendors}: {reports / 'scorecard.csv'}; report: {reports / 'report.md'}")
     return dg.MaterializeResult(metadata={
         "scorecard": _table(scorecard),

@@ -139,10 +139,17 @@ class Settings:
         return {name: i for i, name in enumerate(self.classes)}
 
     def to_yaml(self) -> str:
+        """The settings as YAML, one line per setting, each with a comment on what it accepts (the file
+        documents itself: a user editing it needs no other page)."""
         data = asdict(self)
         data["classes"] = list(self.classes)
         data["heads"] = self.heads if self.heads == "auto" else list(self.heads)
-        return yaml.safe_dump(data, sort_keys=False)
+        lines = [SETTINGS_HEADER]
+        for name, value in data.items():
+            # a one-element flow list, brackets removed: every value on one line, quoted where YAML needs it
+            text = yaml.safe_dump([value], default_flow_style=True, width=float("inf")).strip()[1:-1]
+            lines.append(f"{name}: {text}  # {HELP.get(name, RULES[name])}")
+        return "\n".join(lines) + "\n"
 
 
 # What each field accepts, in the words of the error messages.
@@ -164,6 +171,31 @@ RULES = {
     "weights": "auto, none, a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or the path of a state dict",
     "training": "probe, finetune or auto (finetune on a GPU, probe on a CPU)",
 }
+# What each setting means, for the comments of a written settings file (README: Settings).
+HELP = {
+    "classes": "required, in order: the class names delivery labels must use (matched ignoring case)",
+    "image_size": "8 to 512 pixels a side; null: the first delivery's shorter side, at most 224",
+    "channels": "1 or 3; null: inferred from the first delivery",
+    "quarantine_warn_share": "0 to 1: the quarantined share of a delivery above which its check warns",
+    "folds": ">= 2: cross-validation folds; each image is scored by a model that never trained on it",
+    "epochs": ">= 1: training epochs per fold",
+    "batch_size": ">= 2",
+    "learning_rate": "> 0 and <= 1",
+    "seed": f"0 to {SEED_MAX}: the same data and seed give the same scorecard",
+    "heads": "softmax, l2softmax or both (a list, no repeats); auto: both for the small CNN, softmax on "
+             "pretrained features",
+    "bootstrap": ">= 50: bootstrap refits behind each interval",
+    "tracking_uri": "MLflow tracking URI; empty: SQLite under the home's mlflow/",
+    "dvc_remote": "DVC remote URL; empty: the folder dvc-remote/ in the home",
+    "backbone": "small_cnn, efficientnet_lite0 or a torchvision classification model (resnet50, ...); auto: "
+                "small_cnn for small grayscale images, efficientnet_lite0 for photos",
+    "weights": "auto (the backbone's pretrained weights), none, a torchvision weights name (DEFAULT, ...) or the "
+               "path of a state dict",
+    "training": "probe (frozen features, a head per fold), finetune, or auto (finetune on a GPU, probe on a CPU)",
+}
+SETTINGS_HEADER = ("# vendor-audit settings, checked strictly before every run: an unknown name or a value of the "
+                   "wrong type stops it\n# with a message naming the setting. The README's section Settings "
+                   "describes each one.")
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
 _SETTINGS_ADAPTER = TypeAdapter(Settings)
 
@@ -197,6 +229,15 @@ def load_settings(home: Path) -> Settings:
     if problems:  # all of them at once, one line each, so one edit fixes the file
         raise ConfigError("\n".join(f"{path}: {problem}" for problem in problems))
     return settings
+
+
+def make_settings(source: str, **values) -> Settings:
+    """Settings from ``values`` (the rest at their defaults), or a ConfigError whose lines name ``source``
+    (the option or file the values came from), the setting and what it accepts."""
+    try:
+        return _SETTINGS_ADAPTER.validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in _field_problems(exc, values))) from None
 
 
 def _unknown_setting(key) -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 from ml.checks import QUARANTINE_KINDS
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
+from ml.wording import count
 from ml.scorecard import UPPER_ONLY_NOTE, format_p_value
 from ml.thumbnails import thumbnail_png
 
@@ -337,10 +338,6 @@ def _and(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _count(n: int, word: str) -> str:
-    return f"{n:,} {word}{'' if n == 1 else 's'}"
-
-
 # ---- what the report is built from --------------------------------------------------------------------
 
 
@@ -455,7 +452,25 @@ def _rate_text(row) -> str:
     return percent_interval(row.error_rate, row.error_rate_low, row.error_rate_high)
 
 
-def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
+UNPLANNED_ADVICE = ("Those answers set the images' verdicts but do not change the rate: images picked because "
+                    "they look wrong are not a random sample.")
+
+
+def _plan_advice(names: list[str], checks: pd.DataFrame | None) -> tuple:
+    """The way to measure the rates by hand: a check plan, with the checks expected to halve each rated
+    vendor's interval where the planner has computed them."""
+    text = ("To measure the rates by hand, whatever the model's quality, draw a check plan: vendor-audit plan "
+            "--budget N picks N images per vendor at random (more where the model is unsure); once answered in "
+            "checks/, each rate combines the checks with the model.")
+    if checks is not None and "checks_to_halve" in checks.columns:
+        halve = checks.set_index("vendor")["checks_to_halve"]
+        known = [f"{v} {int(halve[v]):,}" for v in names if v in halve.index and _finite(halve[v])]
+        if known:
+            text += f" Checks expected to halve each interval: {', '.join(known)}."
+    return (text,)
+
+
+def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.DataFrame | None = None) -> list:
     rated = card[card["status"] == "rated"].sort_values(["error_rate", "vendor"])
     unrated = card[card["status"] != "rated"]
     by_vendor = {row.vendor: row for row in card.itertuples(index=False)}
@@ -498,8 +513,8 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
             findings.append((Strong(f"{worse} has more errors"), f": an estimated {_rate_text(row)}, "
                              + "; ".join(gaps) + "."))
             if row.n_flagged:
-                actions.append((f"Check a sample of {worse}'s {_count(row.n_flagged, 'flagged image')}, most likely "
-                                f"first, and take the confirmed errors up with {worse}.",))
+                actions.append((f"To confirm errors to take up with {worse}, check its "
+                                f"{count(row.n_flagged, 'flagged image')}, most likely first. {UNPLANNED_ADVICE}",))
         for row in comps.itertuples(index=False):
             if row.vendor_a in names and row.vendor_b in names and not _FEWER.match(row.conclusion):
                 pair = sorted([row.vendor_a, row.vendor_b], key=names.index)
@@ -512,10 +527,11 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
         if not fewer:
             top = rated.sort_values("n_flagged", ascending=False).iloc[0]
             if top.n_flagged:
-                actions.append((f"Spot-check a sample of {top.vendor}'s {_count(top.n_flagged, 'flagged image')}, "
-                                f"highest probability of error first.",))
+                actions.append((f"To confirm errors to take up with {top.vendor}, spot-check its "
+                                f"{count(top.n_flagged, 'flagged image')}, highest probability of error first. "
+                                f"{UNPLANNED_ADVICE}",))
     for row in unrated.itertuples(index=False):
-        findings.append((Strong(row.vendor), f" delivered {_count(row.n_images, 'image')}: {row.status}. Its "
+        findings.append((Strong(row.vendor), f" delivered {count(row.n_images, 'image')}: {row.status}. Its "
                          f"figures are shown but it is not ranked or compared."))
         actions.append((f"Collect more images from {row.vendor} before judging it.",))
     for row in intake_warned.itertuples(index=False):
@@ -524,21 +540,23 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
             findings.append((Strong(f"{row.vendor}/{row.batch}"), f": the whole delivery was rejected ({reason})."))
             actions.append((f"Ask {row.vendor} to fix and redeliver {row.batch} under a new batch name.",))
             continue
-        findings.append((Strong(f"{row.vendor}/{row.batch}"), f": {_count(row.n_quarantined, 'row')} of "
+        findings.append((Strong(f"{row.vendor}/{row.batch}"), f": {count(row.n_quarantined, 'row')} of "
                          f"{row.n_delivered:,} ({percent(row.share)}) could not be used (mostly: {reason})."))
         actions.append((f"Ask {row.vendor} to fix and redeliver the rejected rows of {row.batch} "
                         f"(quarantine/{row.vendor}/{row.batch}.csv lists each with its reason).",))
     for row in duplicates.itertuples(index=False):
         same = row.vendor == row.first_vendor
-        findings.append((Strong(row.vendor), f" delivered {_count(row.n_images, 'image')} that "
+        findings.append((Strong(row.vendor), f" delivered {count(row.n_images, 'image')} that "
                          + (f"it had already delivered in another batch." if same
                             else f"{row.first_vendor} had already delivered.")))
-        actions.append((f"Ask {row.vendor} about the {_count(row.n_images, 'repeated image')} and make sure "
+        actions.append((f"Ask {row.vendor} about the {count(row.n_images, 'repeated image')} and make sure "
                         f"they are not paid for twice.",))
     for row in card[(card["note"].str.strip() != "") & (card["status"] == "rated")].itertuples(index=False):
         actions.append((f"Read the warning about {row.vendor} under Input problems: {row.note.strip()}.",))
 
-    if any(a[0].startswith(("Check a sample", "Spot-check")) for a in actions):
+    if names:
+        actions.append(_plan_advice(names, checks))
+    if any("flagged image" in a[0] and a[0].startswith("To confirm errors") for a in actions):
         actions.append(("The flagged images are the rows of label_issues.csv with verdict \"error\"; the most "
                         "likely of each vendor are shown below.",))
     sureness = (f"How sure: each rate is an estimate with a 95% interval from {n_boot:,} bootstrap refits"
@@ -547,7 +565,7 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int) -> list:
     if len(comps):
         sureness += (f" A vendor is called better than another only where the pairwise test finds the difference "
                      f"significant at the 5% level after the Holm correction for making "
-                     f"{_count(len(comps), 'comparison')} at once.")
+                     f"{count(len(comps), 'comparison')} at once.")
     blocks = [Heading(2, "Summary"), Bullets(tuple(findings)), _para(sureness)]
     if actions:
         blocks += [Heading(3, "What to do next"), Bullets(tuple(actions))]
@@ -599,19 +617,19 @@ def _hand_checks(card, checks: pd.DataFrame | None) -> list:
             continue
         r = frame.loc[vendor]
         if int(r["unplanned_checks"]):
-            notes.append((Strong(vendor), f": {_count(int(r['unplanned_checks']), 'answer')} for images no plan "
+            notes.append((Strong(vendor), f": {count(int(r['unplanned_checks']), 'answer')} for images no plan "
                           "drew: their verdicts follow the answers, but they are left out of the rate, since nobody "
                           "knows how likely they were to be chosen (picked because they looked wrong, they would "
                           "bias it)."))
         if int(r["awaiting_answers"]):
-            notes.append((Strong(vendor), f": {_count(int(r['awaiting_answers']), 'planned image')} not answered "
+            notes.append((Strong(vendor), f": {count(int(r['awaiting_answers']), 'planned image')} not answered "
                           "yet (reports/check_plan.csv)."))
         if int(r["n_checked"]) and int(r["outside_plans"]):
-            notes.append((Strong(vendor), f": {_count(int(r['outside_plans']), 'image')} in no check plan "
+            notes.append((Strong(vendor), f": {count(int(r['outside_plans']), 'image')} in no check plan "
                           "(delivered after the last one, or none drawn yet), so the rate shown is the model's until "
                           "vendor-audit plan covers them."))
         if int(r["gold_images"]):
-            notes.append((Strong(vendor), f": {_count(int(r['gold_images']), 'gold image')}, "
+            notes.append((Strong(vendor), f": {count(int(r['gold_images']), 'gold image')}, "
                           f"{percent(r['gold_accuracy'])} labelled correctly."))
     if notes:
         blocks.append(Bullets(tuple(notes)))
@@ -692,12 +710,18 @@ def _confusions(card, issues) -> list:
     rows = []
     for vendor in card["vendor"]:
         mine = top[top["vendor"] == vendor]
-        cells = [f"labels {r.true_class} as {r.given}: {_count(int(r.n_images), 'image')}"
+        cells = [f"labels {r.true_class} as {r.given}: {count(int(r.n_images), 'image')}"
                  for r in mine.itertuples(index=False)]
         cells = cells or ["no likely errors"]
         rows.append((vendor, *cells, *["-"] * (3 - len(cells))))
+    # the explanation's example is this audit's own most frequent confusion, in its own class names
+    example = ""
+    if len(top):
+        first = top.sort_values("n_images", ascending=False, kind="stable").iloc[0]
+        example = (f"\"labels {first.true_class} as {first.given}\" means images that are probably {first.true_class} "
+                   f"were labelled {first.given}.")
     return [Heading(2, "Classes each vendor confuses most"),
-            _para("From the likely errors: \"labels 4 as 9\" means images that are probably a 4 were labelled 9."),
+            _para(f"From the likely errors. {example}".strip()),
             Table(("Vendor", "Most often", "Second", "Third"), tuple(rows))]
 
 
@@ -712,8 +736,8 @@ def _gallery(card, issues, images: dict[str, np.ndarray], files: dict[str, bytes
             blocks += [Heading(3, f"{row.vendor}: none flagged"),
                        _para(f"No image of {row.vendor} is flagged as a likely error.")]
             continue
-        shown = (_count(len(mine), "flagged image") if len(mine) == row.n_flagged
-                 else f"the {len(mine)} most likely of {_count(row.n_flagged, 'flagged image')}")
+        shown = (count(len(mine), "flagged image") if len(mine) == row.n_flagged
+                 else f"the {len(mine)} most likely of {count(row.n_flagged, 'flagged image')}")
         blocks.append(Heading(3, f"{row.vendor}: {shown}"))
         pictures = []
         for i, r in enumerate(mine.itertuples(index=False), start=1):
@@ -756,7 +780,7 @@ def _input_problems(card, intake: pd.DataFrame, warn_share: float) -> list:
         blocks.append(_para(f"No delivery had more than {percent(warn_share)} of its rows rejected."))
     below = intake[(intake["n_quarantined"] > 0) & (intake["share"] <= warn_share)]
     if len(below):
-        blocks.append(_para(f"{_count(len(below), 'other delivery')} had a few rows rejected, below that share: "
+        blocks.append(_para(f"{count(len(below), 'other delivery')} had a few rows rejected, below that share: "
                             + ", ".join(f"{r.vendor}/{r.batch} ({r.n_quarantined})"
                                         for r in below.itertuples(index=False)) + "."))
     notes = card[card["note"].str.strip() != ""]
@@ -795,7 +819,7 @@ def _baseline(card) -> list:
                   "classifier's own mistakes as label errors too, so it tends to read higher than the true error "
                   "rate, most of all for good vendors and when the classifier is weak; it also misses the errors "
                   "the classifier has learned to repeat, and it comes with no interval. "
-                  f"Here it is higher than our estimate for {higher} of {_count(len(card), 'vendor')} and lower "
+                  f"Here it is higher than our estimate for {higher} of {count(len(card), 'vendor')} and lower "
                   f"for {lower}."),
             Table(("Vendor", "Our estimate (95% interval)", "cleanlab's share"), rows),
             _para(Strong("Use our estimate for decisions"), ": it is corrected for the classifier's mistakes and "
@@ -848,9 +872,9 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     files: dict[str, bytes] = {}
     n_images = int(card["n_images"].sum())
     blocks = [Heading(1, "Vendor audit"),
-              _para(f"{_count(n_images, 'image')} from {_count(len(card), 'vendor')}"
+              _para(f"{count(n_images, 'image')} from {count(len(card), 'vendor')}"
                     + (f", report of {provenance['generated_at']}" if provenance.get("generated_at") else "") + ".")]
-    blocks += _summary(card, comps, intake[intake["share"] > quarantine_warn_share], duplicates, n_boot)
+    blocks += _summary(card, comps, intake[intake["share"] > quarantine_warn_share], duplicates, n_boot, hand_checks)
     blocks += _vendor_table(card)
     blocks += _pairwise(comps)
     blocks += _hand_checks(card, hand_checks)

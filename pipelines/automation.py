@@ -13,7 +13,7 @@ from ml.delivery import changed_deliveries, find_ready_deliveries, is_settled, s
 from pipelines.resources import AuditHome, MlflowTracking
 
 ingest_job = dg.define_asset_job(
-    "ingest_deliveries", selection=dg.AssetSelection.assets(vendor_delivery, batch_scores), partitions_def=deliveries,
+    "ingest_deliveries", selection=dg.AssetSelection.assets(vendor_delivery, batch_scores),
     description="Validate one delivery into the curated dataset and score it with the champion model.",
 )
 _downstream = dg.AssetSelection.all() - dg.AssetSelection.assets(vendor_delivery, batch_scores)

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import pandas as pd
 
+from ml.wording import count
+
 if TYPE_CHECKING:
     from ml.delivery import RunSummary
 
@@ -35,7 +37,7 @@ log = logging.getLogger("vendor_audit")
 
 
 # commands that read an existing home; simulate, demo and the benchmarks create theirs
-NEEDS_HOME = ("run", "plan", "datasets", "checkout", "ui", "mlflow-ui", "screenshots")
+NEEDS_HOME = ("run", "plan", "datasets", "checkout", "automation", "ui", "mlflow-ui", "screenshots")
 
 
 def default_home() -> Path:
@@ -47,8 +49,9 @@ def require_home(home: Path, settings_file: bool = False) -> None:
     folder, or, with ``settings_file``, has no settings file; nothing is created."""
     from ml.config import CONFIG_NAME
 
-    create = (f"create one with vendor-audit simulate --home {home} (simulated deliveries) or vendor-audit demo "
-              f"--home {home} (simulate and audit), or write its settings file {CONFIG_NAME}")
+    create = (f"create one with vendor-audit init --home {home} --classes NAME,NAME,... (for your deliveries), "
+              f"vendor-audit simulate --home {home} (simulated deliveries) or vendor-audit demo --home {home} "
+              f"(simulate and audit)")
     if not home.is_dir():
         raise ValueError(f"{home}: no such vendor-audit home: {create}")
     if settings_file and not (home / CONFIG_NAME).is_file():
@@ -365,7 +368,36 @@ def _simulate(args) -> None:
     data = load_dataset(args.dataset, args.source)
     truth = simulate_deliveries(data, parse_vendor_rates(args.vendors), args.per_vendor, args.home,
                                 seed=args.seed, batch=args.batch, noise=args.noise, ambiguous=args.ambiguous)
-    log.info("wrote %d images for %d vendors under %s", len(truth), truth["vendor"].nunique(), args.home / "landing")
+    log.info("wrote %s for %s under %s", count(len(truth), "image"), count(truth["vendor"].nunique(), "vendor"),
+             args.home / "landing")
+
+
+def _init(args) -> int:
+    """A new home for real deliveries: the commented settings file with the given classes, and landing/."""
+    from ml.config import CONFIG_NAME, make_settings, write_settings
+
+    settings_path = args.home / CONFIG_NAME
+    if settings_path.exists():
+        raise ValueError(f"{settings_path} exists already: {args.home} is a vendor-audit home (edit that file to "
+                         "change its settings)")
+    settings = make_settings("--classes", classes=args.classes.split(","))
+    (args.home / "landing").mkdir(parents=True, exist_ok=True)
+    write_settings(args.home, settings)
+    print(f"new home {args.home}: settings in {settings_path} ({count(len(settings.classes), 'class')}; every "
+          f"setting is explained there)\n"
+          f"deliveries go to {args.home / 'landing'}/<vendor>/<batch>/: labels.csv (image,label), the images, and "
+          f"_READY written last\nthen: vendor-audit run --home {args.home}")
+    return 0
+
+
+def print_scorecard(scorecard: pd.DataFrame, wide: bool = False) -> None:
+    """The scorecard on the console: the contract's columns, ``status`` and the simulation's true rate
+    when known (``wide``: every column); empty cells blank, not NaN. The notes are in the summary."""
+    from ml.scorecard import SCORECARD_COLUMNS
+
+    shown = scorecard if wide else scorecard[[c for c in (*SCORECARD_COLUMNS, "status", "true_error_rate")
+                                              if c in scorecard.columns]]
+    print(shown.to_string(index=False, na_rep=""))
 
 
 def _demo(args) -> int:
@@ -474,7 +506,7 @@ def _run(args) -> int:
         print("\n".join(format_summary(done.summary)))
         return 3 if done.summary.input_problems else 0
     if done.scorecard is not None:
-        print(with_truth(done.scorecard, args.home).to_string(index=False))
+        print_scorecard(with_truth(done.scorecard, args.home), wide=getattr(args, "wide", False))
     else:
         print("no scorecard: no delivery is curated yet")
     print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home))))
@@ -641,6 +673,46 @@ def _ui(args) -> None:
     sys.exit(process.returncode if process.returncode >= 0 else 128 - process.returncode)
 
 
+def _automation(args) -> int:
+    """Turn the home's sensors and schedule on or off, or list their state, through the ``dagster``
+    command line on the home's instance (in parallel: each call loads the code location, seconds)."""
+    import subprocess
+
+    from pipelines.definitions import defs
+    from pipelines.servers import dagster_cli_command
+
+    require_home(args.home, settings_file=True)
+    open_instance(args.home)
+    kinds = {**{s.name: "sensor" for s in defs.sensors}, **{s.name: "schedule" for s in defs.schedules}}
+    unknown = [name for name in args.names if name not in kinds]
+    if unknown:
+        raise ValueError(f"unknown sensor or schedule {', '.join(unknown)}: the home has {', '.join(kinds)}")
+    if args.action == "status":
+        calls = [("sensor", "list"), ("schedule", "list")]
+    elif args.names or args.action == "off":  # `dagster ... stop` takes one name at a time
+        calls = [(kinds[name], "start" if args.action == "on" else "stop", name) for name in args.names or kinds]
+    else:
+        calls = [("sensor", "start", "--start-all"), ("schedule", "start", "--start-all")]
+    processes = []
+    for words in calls:
+        command, env = dagster_cli_command(args.home, *words)
+        processes.append(subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    failed = []
+    for words, process in zip(calls, processes):
+        out, err = process.communicate()
+        if process.returncode:
+            failed.append(f"dagster {' '.join(words)}: {(err.strip().splitlines() or ['exit status ' + str(process.returncode)])[-1]}")
+        # dagster's answer without its code server's log lines and its underlines of asterisks
+        print("\n".join(line for line in out.splitlines()
+                        if line.strip() and not set(line) <= {"*"} and "dagster.code_server" not in line))
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    if args.action == "on":
+        print(f"they run while the Dagster daemon runs: vendor-audit ui --home {args.home} starts it (with the UI)")
+    return 0
+
+
 def _mlflow_ui(args) -> None:
     import subprocess
 
@@ -805,10 +877,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ambiguous", type=float, default=0.0,
                        help="share of images composed of two classes (their truth is both)")
         if name == "demo":
+            p.add_argument("--wide", action="store_true", help="print every scorecard column, not only the main ones")
             p.add_argument("--checks", type=int, default=None, metavar="N",
                            help="then plan N hand checks per vendor, answer them from the simulated truth "
                                 "(checks/demo.csv) and run again (default: none, no hand checks)")
+    p = add("init", "create a home for your own deliveries: a commented settings file with your classes, and "
+                    "landing/")
+    p.add_argument("--classes", required=True, metavar="NAME,NAME,...",
+                   help="the class names in order, comma-separated (no default: required)")
     p = add("run", "ingest new deliveries and audit the vendors")
+    p.add_argument("--wide", action="store_true", help="print every scorecard column, not only the main ones")
     p.add_argument("--retrain", action="store_true", help="retrain and re-score even if no delivery is new")
     p.add_argument("--rescore", action="store_true",
                    help="re-estimate label issues and the scorecard with the champion model even if nothing is new "
@@ -864,6 +942,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10 only: an .npz of photos, as for simulate (default: $CIFAR10_NPZ)")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-incremental section is replaced (created if missing)")
+    p = add("automation", "turn the home's sensors and nightly schedule on or off, or list their state (they run "
+                          "while the Dagster daemon runs: vendor-audit ui starts it)")
+    p.add_argument("action", nargs="?", choices=["on", "off", "status"], default="status",
+                   help="on, off, or status: each one's state")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="only these sensors or schedules (default: all of them: delivery_sensor, "
+                        "scorecard_refresh_sensor, checks_sensor, scorecard_automation, nightly_audit)")
     p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
     p.add_argument("--out", type=Path, default=Path("docs/img"), help="folder the PNG files are written to")
     for name, help_text, port in (("ui", "start the Dagster UI (dg dev: webserver and daemon) on this home", 3000),
@@ -930,8 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.store import ModelFileError
 
     input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
-    commands = {"simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "datasets": _datasets,
-                "checkout": _checkout, "bench": _bench,
+    commands = {"init": _init, "simulate": _simulate, "demo": _demo, "run": _run, "plan": _plan, "datasets": _datasets,
+                "checkout": _checkout, "automation": _automation, "bench": _bench,
                 "bench-incremental": _bench_incremental, "bench-checks": _bench_checks, "screenshots": _screenshots, "ui": _ui,
                 "mlflow-ui": _mlflow_ui}
     try:

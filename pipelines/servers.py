@@ -55,6 +55,13 @@ def dagster_dev_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple
     return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
 
 
+def dagster_cli_command(home: Path, *words: str) -> tuple[list[str], dict]:
+    """The ``dagster`` command line (``dagster sensor start NAME``, ...) on a home's instance and the
+    project's workspace.yaml: the environment ``vendor-audit ui`` sets, so both see the same sensors."""
+    command = [str(Path(sys.executable).with_name("dagster")), *words, "-w", str(WORKSPACE)]
+    return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+
+
 def stop_group(process: subprocess.Popen, grace: float = 20.0) -> None:
     """Stop a child started with ``start_new_session=True`` and every process of its group: SIGTERM,
     then SIGKILL after ``grace`` seconds."""

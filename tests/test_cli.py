@@ -11,7 +11,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipelines.cli import NEEDS_HOME, _console_logging, _execute, build_parser, main, open_instance
+import pandas as pd
+
+from ml.config import CONFIG_NAME, SETTING_NAMES, load_settings
+from ml.scorecard import SCORECARD_COLUMNS
+from ml.wording import count
+from pipelines.cli import NEEDS_HOME, _console_logging, _execute, build_parser, main, open_instance, print_scorecard
 
 CLI = Path(sys.executable).with_name("vendor-audit")
 
@@ -66,6 +71,7 @@ def test_a_missing_home_is_a_usage_error_naming_the_command_that_creates_one(com
     err = capsys.readouterr().err
     assert err.startswith(f"vendor-audit: error: {home}: no such vendor-audit home")
     assert f"vendor-audit simulate --home {home}" in err and f"vendor-audit demo --home {home}" in err
+    assert f"vendor-audit init --home {home} --classes" in err
     assert not home.exists()
 
 
@@ -99,3 +105,45 @@ def test_library_log_lines_print_once_during_a_run(tmp_path, capfd):
     assert capfd.readouterr().err.count("probe line from the library") == 1
     logging.getLogger("ml.probe").info("outside a run")  # the CLI's handler is back after the run
     assert capfd.readouterr().err.count("outside a run") == 1
+
+
+def test_init_writes_a_commented_settings_file_for_the_given_classes(tmp_path, capsys):
+    home = tmp_path / "new"
+    assert main(["init", "--home", str(home), "--classes", "cat, dog,bird"]) == 0
+    text = (home / CONFIG_NAME).read_text()
+    assert load_settings(home).classes == ("cat", "dog", "bird")
+    for name in SETTING_NAMES:  # every setting is in the file, explained on its own line
+        line = next(line for line in text.splitlines() if line.startswith(f"{name}:"))
+        assert "  # " in line, line
+    assert (home / "landing").is_dir()
+    assert f"vendor-audit run --home {home}" in capsys.readouterr().out
+    # a second init would overwrite the user's settings: refused, the file untouched
+    assert main(["init", "--home", str(home), "--classes", "x,y"]) == 2
+    assert f"{home / CONFIG_NAME} exists already" in capsys.readouterr().err
+    assert (home / CONFIG_NAME).read_text() == text
+    # the new home is a home: run says there is nothing to audit yet (usage error), it does not crash
+    assert main(["run", "--home", str(home)]) == 2
+    assert "nothing to audit" in capsys.readouterr().err
+
+
+def test_init_refuses_invalid_classes_and_creates_nothing(tmp_path, capsys):
+    home = tmp_path / "new"
+    assert main(["init", "--home", str(home), "--classes", "cat,Cat"]) == 2
+    assert "duplicate" in capsys.readouterr().err
+    assert not home.exists()
+
+
+def test_the_printed_scorecard_has_the_contract_columns_and_no_nan_cells(capsys):
+    card = pd.DataFrame({**{c: [1] for c in SCORECARD_COLUMNS}, "status": ["rated"], "note": [float("nan")],
+                         "cleanlab_error_rate": [0.1], "model_version": ["3"], "true_error_rate": [0.05]})
+    print_scorecard(card)
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == [*SCORECARD_COLUMNS, "status", "true_error_rate"]
+    print_scorecard(card, wide=True)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == list(card.columns) and "NaN" not in out
+
+
+def test_counted_nouns():
+    assert [count(1, "vendor"), count(2, "vendor"), count(3, "class"), count(1200, "image")] == \
+        ["1 vendor", "2 vendors", "3 classes", "1,200 images"]

@@ -322,3 +322,6 @@ def test_the_report_has_a_hand_checks_section():
     assert "**b**: 3 answers for images no plan drew" in section and "**a**: 5 planned images not answered" in section
     assert "**b**: 2 gold images, 50.0% labelled correctly" in section
     assert "combines the checks with the model (see Hand checks)" in report.markdown
+    summary = report.markdown.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    # the advice to plan names the planner's own figures for the rated vendors (c is too small to rate)
+    assert "vendor-audit plan --budget N" in summary and "Checks expected to halve each interval: a 40, b 120." in summary

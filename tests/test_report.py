@@ -104,11 +104,14 @@ def test_summary_comes_first_and_names_the_best_vendor_only_when_a_comparison_sa
            "(95% interval 6.1 to 12.5, p = 0.0098)" in summary
     assert "**c** delivered 12 images: too few images to rate" in summary
     assert "Holm correction" in summary
-    assert "Check a sample of b's 41 flagged images" in summary
+    # checking flagged images confirms errors; only a plan measures the rate, and the advice says so
+    assert "To confirm errors to take up with b, check its 41 flagged images, most likely first. Those answers " \
+           "set the images' verdicts but do not change the rate" in summary
+    assert "draw a check plan: vendor-audit plan --budget N picks N images per vendor at random" in summary
     assert "Collect more images from c" in summary
 
     undecided = _section(_report(significant=False).markdown, "Summary")
-    assert "best vendor" not in undecided and "more errors" not in undecided and "Check a sample" not in undecided
+    assert "best vendor" not in undecided and "more errors" not in undecided and "b, check its" not in undecided
     assert "No vendor is clearly best. **a** has the lowest estimate (1.2% (0.4-2.5%)), but it is not " \
            "distinguishable from b with this data." in undecided
     assert "**b and a are not distinguishable with this data**" in undecided
@@ -137,6 +140,8 @@ def test_confusions_duplicates_input_problems_baseline_and_provenance():
     confused = _section(markdown, "Classes each vendor confuses most")
     assert "| b | labels dog as cat: 27 images | labels fish as bird: 14 images | - |" in confused
     assert "| a | labels dog as cat: 3 images | - | - |" in confused
+    # the explanation's example is the audit's own most frequent confusion, in the home's class names
+    assert '"labels dog as cat" means images that are probably dog were labelled cat.' in confused
     duplicates = _section(markdown, "Images delivered more than once")
     assert "| b | a | 1 | b/batch-1/images/0100.png (first: a/batch-1/images/0007.png) |" in duplicates
     problems = _section(markdown, "Input problems")
