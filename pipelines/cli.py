@@ -383,6 +383,7 @@ def _init(args) -> int:
     settings = make_settings("--classes", classes=args.classes.split(","))
     (args.home / "landing").mkdir(parents=True, exist_ok=True)
     write_settings(args.home, settings)
+    open_instance(args.home)  # its Dagster instance, so that dagster's own command lines work on it at once
     print(f"new home {args.home}: settings in {settings_path} ({count(len(settings.classes), 'class')}; every "
           f"setting is explained there)\n"
           f"deliveries go to {args.home / 'landing'}/<vendor>/<batch>/: labels.csv (image,label), the images, and "
