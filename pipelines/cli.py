@@ -573,83 +573,31 @@ def _checkout(args) -> int:
     return 0
 
 
-def _ui(args) -> None:
-    """Run ``dg dev`` on the home until it exits or this process gets SIGTERM or SIGINT, which is
-    forwarded to dagster's whole process group (webserver, daemon, code server); whatever is left of
-    the group after a grace period is killed. Exits with dagster's status, or 128 + the signal."""
-    import signal
-    import subprocess
-    import time
-
+def _ui(args) -> int:
+    """Run ``dg dev`` on the home until this process gets SIGTERM, SIGINT or SIGHUP, which stops dagster's
+    whole process group (webserver, daemon, code server); exits 128 + the signal
+    (:func:`pipelines.servers.supervise`)."""
     from ml.config import load_settings
-    from pipelines.servers import dagster_dev_command
+    from pipelines.servers import check_port_free, dagster_dev_command, supervise
 
-    grace = 20.0  # seconds for dagster to shut down its children before SIGKILL
     require_home(args.home, settings_file=True)  # never create a stray home from a mistyped path
     load_settings(args.home)
+    check_port_free(args.host, args.port)
     open_instance(args.home)
-    command, home_env = dagster_dev_command(args.home, args.port, args.host)
-    env = dict(os.environ, **home_env)
-    started: list[subprocess.Popen] = []
-    received: list[tuple[int, float]] = []  # (signal, when)
-
-    def signal_group(signum: int) -> bool:
-        """Send ``signum`` to dagster's process group; False when the group has no process left."""
-        try:
-            os.killpg(started[0].pid, signum)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def forward(signum, _frame) -> None:
-        received.append((signum, time.monotonic()))
-        if started:
-            signal_group(signum)
-
-    # handlers first, so a signal that arrives while dagster starts is forwarded too
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        # its own session: the terminal's Ctrl-C reaches it only through `forward`, and the group
-        # is stopped as one
-        started.append(subprocess.Popen(command, env=env, start_new_session=True))
-        process = started[0]
-        log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
-        if received:  # a signal arrived while dagster was starting
-            signal_group(received[-1][0])
-        while process.poll() is None and not (received and time.monotonic() > received[0][1] + grace):
-            try:
-                process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-        if process.returncode is None:
-            log.warning("dagster did not stop within %.0f s of the signal: killing its process group", grace)
-            signal_group(signal.SIGKILL)
-        elif signal_group(signal.SIGTERM):  # dagster exited but left processes of its group running
-            deadline = time.monotonic() + grace
-            while signal_group(0) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            signal_group(signal.SIGKILL)
-        process.wait()
-    finally:
-        if started and started[0].returncode is None:  # an unexpected error here: leave nothing running
-            signal_group(signal.SIGKILL)
-            started[0].wait()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:  # stopped by a signal: the shell's convention, 143 for SIGTERM, 130 for Ctrl-C
-        sys.exit(128 + received[0][0])
-    sys.exit(process.returncode if process.returncode >= 0 else 128 - process.returncode)
+    command, env = dagster_dev_command(args.home, args.port, args.host)
+    log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
+    return supervise(command, env, "dg dev")
 
 
-def _mlflow_ui(args) -> None:
-    import subprocess
+def _mlflow_ui(args) -> int:
+    """Run ``mlflow server`` on the home's tracking store, as :func:`_ui` runs ``dg dev``."""
+    from pipelines.servers import MODEL_TRAINING_VIEW, check_port_free, mlflow_server_command, supervise
 
-    from pipelines.servers import MODEL_TRAINING_VIEW, mlflow_server_command
-
+    check_port_free(args.host, args.port)
     command, env = mlflow_server_command(args.home, args.port, args.host)
     log.info("MLflow UI on http://%s:%d/#/experiments?%s (home %s)", args.host, args.port, MODEL_TRAINING_VIEW,
              args.home)
-    sys.exit(subprocess.call(command, env=dict(os.environ, **env)))
+    return supervise(command, env, "mlflow server")
 
 
 def _without_paths(argv: list[str]) -> list[str]:
@@ -927,6 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     from ml.config import ConfigError
     from ml.delivery import DeliveryError, TaxonomyChanged
     from pipelines.resources import DvcError, TrackingUnavailable
+    from pipelines.servers import ServerExited
     from pipelines.store import ModelFileError
 
     input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
@@ -940,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
         status = commands[args.command](args)
     except (*input_errors, ValueError, FileNotFoundError) as exc:
         return _error(args, str(exc), 2)
-    except (TrackingUnavailable, DvcError, ModelFileError) as exc:
+    except (TrackingUnavailable, DvcError, ModelFileError, ServerExited) as exc:
         return _error(args, str(exc), 1)
     except dg.Failure as exc:
         return _error(args, exc.description, 1)
