@@ -716,8 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.",
                                      formatter_class=_HelpWithDefaults,
                                      epilog="exit status: 0 all well; 1 infrastructure failure (tracking store, DVC, "
-                                            "model files); 2 usage, settings or input error that stopped the run; "
-                                            "3 the audit finished but some input had problems")
+                                            "model files, a UI server that stopped on its own); 2 usage, settings "
+                                            "or input error that stopped the run (a UI port in use); 3 the audit "
+                                            "finished but some input had problems; 128+N a UI stopped by signal N")
     debug_help = "show tracebacks and DEBUG logs"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
@@ -862,7 +863,8 @@ def _error(args, message: str, status: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all well; 1 infrastructure failure; 2 usage, settings or input error that stopped
-    the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check)."""
+    the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check);
+    128 + N a UI server stopped by signal N."""
     _console_logging("vendor_audit", "pipelines")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

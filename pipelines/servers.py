@@ -102,8 +102,9 @@ def signal_group(pgid: int, signum: int) -> bool:
 
 def stop_group(process: subprocess.Popen, grace: float = 20.0, signum: int = signal.SIGTERM) -> None:
     """Stop a child started with ``start_new_session=True`` and every process of its group: ``signum``
-    (0: none, when the group has had its signal), then SIGKILL to whatever of the group is left after ``grace`` seconds (also once the child itself
-    has exited: its children must not outlive it). The child is reaped."""
+    (0: none, when the group has had its signal), then SIGKILL to whatever of the group is left after
+    ``grace`` seconds (also once the child itself has exited: its children must not outlive it). The
+    child is reaped."""
     deadline = time.monotonic() + grace
     signal_group(process.pid, signum)
     try:
