@@ -606,72 +606,20 @@ def _checkout(args) -> int:
     return 0
 
 
-def _ui(args) -> None:
-    """Run ``dg dev`` on the home until it exits or this process gets SIGTERM or SIGINT, which is
-    forwarded to dagster's whole process group (webserver, daemon, code server); whatever is left of
-    the group after a grace period is killed. Exits with dagster's status, or 128 + the signal."""
-    import signal
-    import subprocess
-    import time
-
+def _ui(args) -> int:
+    """Run ``dg dev`` on the home until this process gets SIGTERM, SIGINT or SIGHUP, which stops dagster's
+    whole process group (webserver, daemon, code server); exits 128 + the signal
+    (:func:`pipelines.servers.supervise`)."""
     from ml.config import load_settings
-    from pipelines.servers import dagster_dev_command
+    from pipelines.servers import check_port_free, dagster_dev_command, supervise
 
-    grace = 20.0  # seconds for dagster to shut down its children before SIGKILL
     require_home(args.home, settings_file=True)  # never create a stray home from a mistyped path
     load_settings(args.home)
+    check_port_free(args.host, args.port)
     open_instance(args.home)
-    command, home_env = dagster_dev_command(args.home, args.port, args.host)
-    env = dict(os.environ, **home_env)
-    started: list[subprocess.Popen] = []
-    received: list[tuple[int, float]] = []  # (signal, when)
-
-    def signal_group(signum: int) -> bool:
-        """Send ``signum`` to dagster's process group; False when the group has no process left."""
-        try:
-            os.killpg(started[0].pid, signum)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def forward(signum, _frame) -> None:
-        received.append((signum, time.monotonic()))
-        if started:
-            signal_group(signum)
-
-    # handlers first, so a signal that arrives while dagster starts is forwarded too
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        # its own session: the terminal's Ctrl-C reaches it only through `forward`, and the group
-        # is stopped as one
-        started.append(subprocess.Popen(command, env=env, start_new_session=True))
-        process = started[0]
-        log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
-        if received:  # a signal arrived while dagster was starting
-            signal_group(received[-1][0])
-        while process.poll() is None and not (received and time.monotonic() > received[0][1] + grace):
-            try:
-                process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                pass
-        if process.returncode is None:
-            log.warning("dagster did not stop within %.0f s of the signal: killing its process group", grace)
-            signal_group(signal.SIGKILL)
-        elif signal_group(signal.SIGTERM):  # dagster exited but left processes of its group running
-            deadline = time.monotonic() + grace
-            while signal_group(0) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            signal_group(signal.SIGKILL)
-        process.wait()
-    finally:
-        if started and started[0].returncode is None:  # an unexpected error here: leave nothing running
-            signal_group(signal.SIGKILL)
-            started[0].wait()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if received:  # stopped by a signal: the shell's convention, 143 for SIGTERM, 130 for Ctrl-C
-        sys.exit(128 + received[0][0])
-    sys.exit(process.returncode if process.returncode >= 0 else 128 - process.returncode)
+    command, env = dagster_dev_command(args.home, args.port, args.host)
+    log.info("Dagster UI on http://%s:%d (home %s)", args.host, args.port, args.home)
+    return supervise(command, env, "dg dev")
 
 
 def _automation(args) -> int:
@@ -714,15 +662,15 @@ def _automation(args) -> int:
     return 0
 
 
-def _mlflow_ui(args) -> None:
-    import subprocess
+def _mlflow_ui(args) -> int:
+    """Run ``mlflow server`` on the home's tracking store, as :func:`_ui` runs ``dg dev``."""
+    from pipelines.servers import MODEL_TRAINING_VIEW, check_port_free, mlflow_server_command, supervise
 
-    from pipelines.servers import MODEL_TRAINING_VIEW, mlflow_server_command
-
+    check_port_free(args.host, args.port)
     command, env = mlflow_server_command(args.home, args.port, args.host)
     log.info("MLflow UI on http://%s:%d/#/experiments?%s (home %s)", args.host, args.port, MODEL_TRAINING_VIEW,
              args.home)
-    sys.exit(subprocess.call(command, env=dict(os.environ, **env)))
+    return supervise(command, env, "mlflow server")
 
 
 def _without_paths(argv: list[str]) -> list[str]:
@@ -841,8 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vendor-audit", description="Judge image-annotation vendors from their data.",
                                      formatter_class=_HelpWithDefaults,
                                      epilog="exit status: 0 all well; 1 infrastructure failure (tracking store, DVC, "
-                                            "model files); 2 usage, settings or input error that stopped the run; "
-                                            "3 the audit finished but some input had problems")
+                                            "model files, a UI server that stopped on its own); 2 usage, settings "
+                                            "or input error that stopped the run (a UI port in use); 3 the audit "
+                                            "finished but some input had problems; 128+N a UI stopped by signal N")
     debug_help = "show tracebacks and DEBUG logs"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
@@ -1000,7 +949,8 @@ def _error(args, message: str, status: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all well; 1 infrastructure failure; 2 usage, settings or input error that stopped
-    the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check)."""
+    the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check);
+    128 + N a UI server stopped by signal N."""
     _console_logging("vendor_audit", "pipelines")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -1013,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     from ml.config import ConfigError
     from ml.delivery import DeliveryError, TaxonomyChanged
     from pipelines.resources import DvcError, TrackingUnavailable
+    from pipelines.servers import ServerExited
     from pipelines.store import ModelFileError
 
     input_errors = (ConfigError, DeliveryError, TaxonomyChanged, CheckPlanError)
@@ -1026,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         status = commands[args.command](args)
     except (*input_errors, ValueError, FileNotFoundError) as exc:
         return _error(args, str(exc), 2)
-    except (TrackingUnavailable, DvcError, ModelFileError) as exc:
+    except (TrackingUnavailable, DvcError, ModelFileError, ServerExited) as exc:
         return _error(args, str(exc), 1)
     except dg.Failure as exc:
         return _error(args, exc.description, 1)
