@@ -15,6 +15,7 @@ import yaml
 from ml.config import Settings, load_settings
 from ml.files import atomic_write_bytes
 from pipelines.locks import exclusive
+from pipelines.mlflow_store import artifact_root, forget_cached_artifact_places, open_home_store, store_uri
 
 
 class AuditHome(dg.ConfigurableResource):
@@ -106,26 +107,31 @@ class MlflowTracking(dg.ConfigurableResource):
     experiment: str = "vendor-audit"
     registered_model: str = "vendor-audit-classifier"
 
+    def configured_uri(self) -> str:
+        """The tracking URI set by this resource or the home's settings; empty for the home's own store."""
+        return self.tracking_uri or self.audit_home.settings().tracking_uri
+
     def uri(self) -> str:
-        configured = self.tracking_uri or self.audit_home.settings().tracking_uri
-        if configured:
-            return configured
-        folder = self.audit_home.root / "mlflow"
-        folder.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{folder / 'mlflow.db'}"
+        return self.configured_uri() or store_uri(self.audit_home.root)
 
     def start(self):
-        """Point the mlflow client at this store and make sure the experiment exists; returns mlflow."""
+        """Point the mlflow client at this store and make sure the experiment exists; returns mlflow.
+
+        The home's own store is made ready first (:func:`pipelines.mlflow_store.open_home_store`):
+        created with its artifacts under the home, or re-pointed when the home was moved or copied."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         uri = self.uri()
-        mlflow.set_tracking_uri(uri)
+        local = not self.configured_uri()
         try:
+            if local:
+                open_home_store(self.audit_home.root)
+            forget_cached_artifact_places()  # cached per run id: a copy of a home shares its run ids
+            mlflow.set_tracking_uri(uri)
             experiment = mlflow.get_experiment_by_name(self.experiment)
             if experiment is None:
-                local = uri.startswith("sqlite:") and not (self.tracking_uri or self.audit_home.settings().tracking_uri)
-                artifacts = (self.audit_home.root / "mlflow" / "artifacts").as_uri() if local else None
+                artifacts = artifact_root(self.audit_home.root).as_uri() if local else None
                 mlflow.create_experiment(self.experiment, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
             elif any(experiment.tags.get(key) != value for key, value in EXPERIMENT_TAGS.items()):
                 for key, value in EXPERIMENT_TAGS.items():  # a store made by an earlier release

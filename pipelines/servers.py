@@ -13,6 +13,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipelines.mlflow_store import artifact_root, open_home_store
+
 WORKSPACE = Path(__file__).resolve().parent.parent / "workspace.yaml"
 
 log = logging.getLogger(__name__)
@@ -42,10 +44,10 @@ MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def mlflow_server_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple[list[str], dict]:
-    """``mlflow server`` on a home's tracking store, with the settings that make it answer in seconds."""
-    store = home / "mlflow"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-               "--default-artifact-root", (store / "artifacts").as_uri(), "--host", host, "--port", str(port),
+    """``mlflow server`` on a home's tracking store, with the settings that make it answer in seconds.
+    The store is made ready first: re-pointed to the home when the home was moved or copied."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", open_home_store(home),
+               "--default-artifact-root", artifact_root(home).as_uri(), "--host", host, "--port", str(port),
                "--workers", "1"]
     return command, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
