@@ -40,7 +40,7 @@ def test_a_byte_copy_landed_after_training_gets_the_same_rate(trained_home):
     copied = issues[issues["vendor"] == "acopy"]
     assert set(copied["prediction"]) == {"new delivery"} and (copied["duplicate_of"].str.startswith("c/")).all()
     assert (issues.loc[issues["vendor"] == "c", "duplicate_of"] == "").all()
-    assert "acopy delivered 300 images that c had already delivered" in (home / "reports" / "report.md").read_text()
+    assert "**acopy** delivered 300 images that c had already delivered." in (home / "reports" / "report.md").read_text()
     # each copied image has exactly its original's probability of error
     original = issues.set_index("image_id")["p_error"]
     assert (copied["p_error"].to_numpy() == original.loc[copied["duplicate_of"]].to_numpy()).all()

@@ -351,7 +351,7 @@ def test_deliveries_read_at_the_same_time_are_ordered_by_labeled_at_then_by_name
     from ml.delivery import arrival_order, duplicate_of, read_state
 
     landing, curated, state = tmp_path / "landing", tmp_path / "curated", tmp_path / "state"
-    later = _landed(landing, "a", "b1", {"x.png": 10}, labeled_at=["2025-03-02 09:00", "not a time"][:1])
+    later = _landed(landing, "a", "b1", {"x.png": 10}, labeled_at=["2025-03-02 09:00"])
     earlier = _landed(landing, "z", "b1", {"x.png": 10}, labeled_at=["2025-03-01T18:00:00Z"])
     for delivery in (later, earlier):
         write_curated(curated, tmp_path / "quarantine", state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
