@@ -8,9 +8,9 @@ import pandas as pd
 from assets.partitions import deliveries
 from ml.config import CONFIG_NAME
 from ml.delivery import (
-    READY_MARKER, REJECTED, Delivery, DeliveryError, TaxonomyChanged, check_taxonomy, delivery_fingerprint, has_changed,
+    READY_MARKER, REJECTED, Delivery, DeliveryError, TaxonomyChanged, check_taxonomy, has_changed,
     infer_format, ingest_delivery, is_settled, parse_key, read_format, read_state, read_taxonomy, record_taxonomy,
-    reject_delivery, write_curated, write_format,
+    reject_delivery, stamp_delivery, write_curated, write_format,
 )
 from pipelines.resources import AuditHome
 
@@ -53,18 +53,17 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
         context.log.info(f"{delivery.key} is {done} already and unchanged: nothing to do")
         return _unchanged(record, settings.quarantine_warn_share, audit_home.quarantine / vendor / f"{batch}.csv",
                           curated / vendor / batch / "rows.csv")
-    fingerprint = delivery_fingerprint(delivery.folder)  # before reading: a later change is detected
+    stamp = stamp_delivery(delivery.folder)  # before reading: a later change is detected
     image_format = read_format(curated)
     try:
         if image_format is None:
             inferred = (None, None) if settings.image_size and settings.channels else infer_format(delivery)
             image_format = (settings.image_size or inferred[0], settings.channels or inferred[1])
-        result = ingest_delivery(delivery, settings.classes, *image_format)
+        result = ingest_delivery(delivery, settings.classes, *image_format, stamp=stamp)
     except DeliveryError as exc:  # labels.csv unusable: the delivery is quarantined whole, the run goes on
-        reject_delivery(curated, audit_home.quarantine, state, delivery, str(exc), fingerprint)
+        reject_delivery(curated, audit_home.quarantine, state, delivery, str(exc), stamp)
         context.log.warning(f"{delivery.key} rejected whole: {exc}")
         return _rejected(str(exc), audit_home.quarantine / vendor / f"{batch}.csv", settings.quarantine_warn_share)
-    result.fingerprint = fingerprint
     if read_format(curated) is None:
         write_format(curated, *image_format)
     if read_taxonomy(curated) is None:

@@ -10,7 +10,9 @@ from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
 from ml.check_plan import apply_checks, read_answers
-from ml.delivery import Delivery, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key
+from ml.delivery import (
+    Delivery, arrival_order, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key,
+)
 from ml.files import atomic_write_bytes, atomic_write_csv
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
@@ -87,8 +89,11 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
                                n_boot=settings.bootstrap, seed=settings.seed, trained=source == "out-of-fold")
     for name in np.array(result.vendors)[result.rates.weak_detection]:
         context.log.warning(f"vendor {name}: error detection is weak for its labels, its rate is uncertain")
+    delivered = rows[["vendor", "batch"]].drop_duplicates().itertuples(index=False)
+    arrivals = arrival_order([Delivery(v, b, audit_home.landing / v / b) for v, b in delivered],
+                             audit_home.curated, audit_home.delivery_state)
     issues = issues.assign(model_version=champion["model_version"], model_trained_on=champion["dataset_version"],
-                           prediction=source, duplicate_of=duplicate_of(rows).to_numpy())
+                           prediction=source, duplicate_of=duplicate_of(rows, arrivals).to_numpy())
     issues = apply_checks(issues, read_answers(audit_home.reports / "hand_checks.csv"))
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())

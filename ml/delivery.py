@@ -2,8 +2,8 @@
 
 A delivery is ``landing/<vendor>/<batch>/`` with ``labels.csv``, the images, and ``_READY`` written last.
 The curated folder (versioned by DVC) holds content only: rows, decoded images, the image format and
-the taxonomy. What a delivery looked like when it was read (its change-detection fingerprint, its
-counts, whether it was rejected whole) is kept apart, under the home's state folder, so the dataset
+the taxonomy. What a delivery looked like when it was read (its change-detection fingerprint and
+content digest, when it was read, its counts, whether it was rejected whole) is kept apart, under the home's state folder, so the dataset
 version is a function of the data alone.
 """
 
@@ -18,6 +18,7 @@ import logging
 import re
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,32 @@ class Delivery:
         return f"{self.vendor}.{self.batch}"
 
 
+@dataclass(frozen=True)
+class ReadStamp:
+    """What a delivery's folder held when it was read, and when (see :func:`stamp_delivery`).
+
+    ``fingerprint``: :func:`delivery_fingerprint` (names, sizes, modification times: the fast check);
+    ``content_digest``: :func:`delivery_content_digest` (the bytes: what decides a change);
+    ``read_at``: ISO 8601 UTC time of the reading, which orders deliveries by arrival.
+    """
+
+    fingerprint: str
+    content_digest: str
+    read_at: str
+
+
 @dataclass
 class IngestResult:
     """``accepted``: one row per curated image (CURATED_COLUMNS); ``images``: uint8 (N, S, S, C)
-    aligned with ``accepted``; ``quarantine``: rejected rows with a reason (QUARANTINE_COLUMNS)."""
+    aligned with ``accepted``; ``quarantine``: rejected rows with a reason (QUARANTINE_COLUMNS);
+    ``labeled_at``: the earliest ``labeled_at`` of its rows (ISO 8601 UTC), "" when none is given."""
 
     accepted: pd.DataFrame
     images: np.ndarray
     quarantine: pd.DataFrame
     n_delivered: int  # data rows read from labels.csv (blank lines excluded)
-    fingerprint: str = ""  # delivery_fingerprint() of the folder as it was read
+    stamp: ReadStamp | None = None  # the folder as it was read
+    labeled_at: str = ""
 
     @property
     def reconciles(self) -> bool:
@@ -148,16 +165,16 @@ def find_ready_deliveries(landing: Path) -> list[Delivery]:
     return scan_landing(landing).ready
 
 
-def read_labels_csv(path: Path) -> pd.DataFrame:
+def read_labels_csv(path: Path, optional: tuple[str, ...] = ("annotator",)) -> pd.DataFrame:
     """Read ``labels.csv`` into strings: ``row`` (1-based data row number, header excluded), ``image``,
-    ``label`` and ``annotator`` ("" where the file has no such column).
+    ``label`` and the ``optional`` columns, by default ``annotator`` ("" where the file has no such column).
 
     The file is streamed row by row. Raises DeliveryError naming the file (and line) when it is
     missing, empty, not UTF-8, not parseable as CSV, or lacks a required column.
     """
     if not path.is_file():
         raise DeliveryError(f"{path}: labels.csv is missing")  # whatever the file is called
-    return read_csv_columns(path, REQUIRED_COLUMNS, ("annotator",))
+    return read_csv_columns(path, REQUIRED_COLUMNS, optional)
 
 
 def read_csv_columns(path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -236,14 +253,16 @@ def ingest_delivery(
     classes: tuple[str, ...],
     image_size: int,
     channels: int,
+    stamp: ReadStamp | None = None,
 ) -> IngestResult:
     """Validate every row of a delivery and decode its accepted images.
 
     Labels are matched to ``classes`` ignoring surrounding spaces and letter case (normalised to the
-    taxonomy's spelling). Rejected rows are kept in ``quarantine`` with the reason.
+    taxonomy's spelling). Rejected rows are kept in ``quarantine`` with the reason. ``stamp``: the
+    folder as it was before reading (taken now when not given).
     """
-    fingerprint = delivery_fingerprint(delivery.folder)
-    labels = read_labels_csv(delivery.folder / LABELS_FILE)
+    stamp = stamp or stamp_delivery(delivery.folder)
+    labels = read_labels_csv(delivery.folder / LABELS_FILE, OPTIONAL_COLUMNS)
     canonical = {c.casefold(): c for c in classes}
     accepted, images, quarantined = [], [], []
     seen_rows: dict[str, int] = {}
@@ -291,7 +310,7 @@ def ingest_delivery(
     stack = np.stack(images) if images else np.zeros((0, image_size, image_size, channels), np.uint8)
     return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), stack,
                         pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS), n_delivered=len(labels),
-                        fingerprint=fingerprint)
+                        stamp=stamp, labeled_at=earliest_time(labels["labeled_at"]))
 
 
 def infer_format(delivery: Delivery) -> tuple[int, int]:
@@ -310,16 +329,50 @@ def infer_format(delivery: Delivery) -> tuple[int, int]:
     raise DeliveryError(f"{delivery.folder}: no decodable image to infer the image size from")
 
 
+def _delivery_files(folder: Path) -> list[Path]:
+    """Every file of a delivery but its ``_READY`` marker, in path order."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != READY_MARKER)
+
+
 def delivery_fingerprint(folder: Path) -> str:
     """A cheap fingerprint of a delivery's files: labels.csv's content plus every file's name, size
-    and modification time. It changes when anything in the delivery is replaced after ingestion."""
+    and modification time. Equal fingerprints: the delivery is taken as unchanged without reading its
+    images; a different one is only a reason to compare :func:`delivery_content_digest`."""
     digest = hashlib.sha256()
     labels = folder / LABELS_FILE
     digest.update(labels.read_bytes() if labels.is_file() else b"")
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != READY_MARKER):
+    for path in _delivery_files(folder):
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def delivery_content_digest(folder: Path) -> str:
+    """The sha256 of a delivery's content: every file's name (relative to the folder) and the sha256
+    of its bytes, ``_READY`` excepted. Files rewritten byte for byte (new modification times, by a
+    copy or a re-run of the vendor's export) keep it; any changed, added or removed file changes it."""
+    digest = hashlib.sha256()
+    for path in _delivery_files(folder):
+        digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC to the microsecond (text that sorts in time order)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def stamp_delivery(folder: Path) -> ReadStamp:
+    """Fingerprint, content digest and time of a delivery about to be read."""
+    return ReadStamp(delivery_fingerprint(folder), delivery_content_digest(folder), utc_now())
+
+
+def earliest_time(values: pd.Series) -> str:
+    """The earliest of ``values`` that reads as a date or time (ISO 8601 UTC; times without a zone
+    are taken as UTC), "" when none does. Unreadable values are skipped: ``labeled_at`` is optional."""
+    times = pd.to_datetime(values.astype(str).str.strip(), utc=True, errors="coerce", format="mixed")
+    earliest = times.min()
+    return "" if pd.isna(earliest) else earliest.isoformat(timespec="microseconds")
 
 
 def is_ingested(delivery: Delivery, curated: Path) -> bool:
@@ -333,8 +386,9 @@ def state_path(state: Path, delivery: Delivery) -> Path:
 
 
 def read_state(state: Path, delivery: Delivery, curated: Path | None = None) -> dict | None:
-    """A delivery's record (``status`` ingested or rejected, ``fingerprint``, ``n_delivered``,
-    ``n_accepted``, ``n_quarantined``, ``reason`` when rejected), or None when it was never read.
+    """A delivery's record (``status`` ingested or rejected, ``fingerprint``, ``content_digest``,
+    ``ingested_at``, ``labeled_at``, ``n_delivered``, ``n_accepted``, ``n_quarantined``, ``reason`` when
+    rejected), or None when it was never read. Records of earlier releases lack some of these fields.
 
     Homes made before records moved out of curated/ kept them as ``curated/<vendor>/<batch>/delivery.json``;
     that file is read when ``curated`` is given and no record exists.
@@ -352,6 +406,40 @@ def write_state(state: Path, delivery: Delivery, record: dict) -> None:
     atomic_write_bytes(state_path(state, delivery), json.dumps(record, indent=2).encode())
 
 
+def ingested_at(record: dict, state: Path, delivery: Delivery, curated: Path) -> str:
+    """When a delivery was read (ISO 8601 UTC): its record's ``ingested_at``.
+
+    Records written before that time was kept fall back to the earliest modification time of the
+    files its ingestion wrote: the record and the curated rows. Both were written then and not
+    since (a record is rewritten only once it holds ``ingested_at``), though a dataset checkout may
+    rewrite the rows, hence the earliest of the two.
+    """
+    if record.get("ingested_at"):
+        return record["ingested_at"]
+    written = [state_path(state, delivery), curated / delivery.vendor / delivery.batch / "delivery.json",
+               curated / delivery.vendor / delivery.batch / "rows.csv"]
+    times = [p.stat().st_mtime for p in written if p.is_file()]
+    return datetime.fromtimestamp(min(times), timezone.utc).isoformat(timespec="microseconds") if times else ""
+
+
+def arrival_order(deliveries: list[Delivery], curated: Path, state: Path) -> pd.DataFrame:
+    """When each delivery arrived, to tell which copy of a repeated image came first.
+
+    Returns
+    -------
+    DataFrame (len(deliveries), 4)
+        ``vendor, batch``, ``ingested_at`` (when it was read, see :func:`ingested_at`) and
+        ``labeled_at`` (the earliest ``labeled_at`` of its rows), both ISO 8601 UTC text, "" unknown.
+    """
+    records = []
+    for delivery in deliveries:
+        record = read_state(state, delivery, curated) or {}
+        records.append({"vendor": delivery.vendor, "batch": delivery.batch,
+                        "ingested_at": ingested_at(record, state, delivery, curated),
+                        "labeled_at": record.get("labeled_at", "")})
+    return pd.DataFrame(records, columns=["vendor", "batch", "ingested_at", "labeled_at"])
+
+
 def is_rejected(delivery: Delivery, state: Path) -> bool:
     """Whether the delivery was rejected whole (its labels.csv unusable): settled, not retried."""
     record = read_state(state, delivery)
@@ -364,11 +452,31 @@ def is_settled(delivery: Delivery, curated: Path, state: Path) -> bool:
 
 
 def has_changed(delivery: Delivery, curated: Path, state: Path) -> bool:
-    """Whether a delivery's files changed in the landing folder since it was read (ingested or rejected)."""
+    """Whether a delivery's content changed in the landing folder since it was read (ingested or rejected).
+
+    The recorded fingerprint (names, sizes, modification times) is the fast path: when it matches,
+    nothing is read. When it differs, the files' bytes decide: the same content digest as when the
+    delivery was read is no change (files rewritten byte for byte), and the record takes the new
+    fingerprint, so the next check is fast again. A record written before content digests were kept
+    has only its fingerprint: while that matches, the digest is taken now and recorded; once it no
+    longer matches, there is no content to compare with and the delivery counts as changed.
+    """
     if not (is_settled(delivery, curated, state)):
         return False
     record = read_state(state, delivery, curated)
-    return record is not None and record["fingerprint"] != delivery_fingerprint(delivery.folder)
+    if record is None:
+        return False
+    fingerprint = delivery_fingerprint(delivery.folder)
+    recorded = record.get("content_digest")
+    if record["fingerprint"] == fingerprint:
+        if not recorded:  # an older record: its files are as they were read, so their digest is theirs
+            write_state(state, delivery, {**record, "content_digest": delivery_content_digest(delivery.folder),
+                                          "ingested_at": ingested_at(record, state, delivery, curated)})
+        return False
+    if not recorded or delivery_content_digest(delivery.folder) != recorded:
+        return True
+    write_state(state, delivery, {**record, "fingerprint": fingerprint})
+    return False
 
 
 def changed_deliveries(landing: Path, curated: Path, state: Path) -> list[str]:
@@ -391,21 +499,26 @@ def write_curated(curated: Path, quarantine: Path, state: Path, delivery: Delive
     np.save(buffer, result.images, allow_pickle=False)
     atomic_write_bytes(folder / "images.npy", buffer.getvalue())
     atomic_write_csv(quarantine / delivery.vendor / f"{delivery.batch}.csv", result.quarantine)
-    write_state(state, delivery, {"status": INGESTED, "fingerprint": result.fingerprint,
-                                  "n_delivered": result.n_delivered, "n_accepted": len(result.accepted),
-                                  "n_quarantined": len(result.quarantine)})
+    write_state(state, delivery, {"status": INGESTED, **_stamp_record(result.stamp),
+                                  "labeled_at": result.labeled_at, "n_delivered": result.n_delivered,
+                                  "n_accepted": len(result.accepted), "n_quarantined": len(result.quarantine)})
     atomic_write_csv(folder / "rows.csv", result.accepted)  # last: a rows file always has its images
 
 
+def _stamp_record(stamp: ReadStamp) -> dict:
+    """The fields of a delivery's record that say what it held when it was read, and when."""
+    return {"fingerprint": stamp.fingerprint, "content_digest": stamp.content_digest, "ingested_at": stamp.read_at}
+
+
 def reject_delivery(curated: Path, quarantine: Path, state: Path, delivery: Delivery, reason: str,
-                    fingerprint: str) -> pd.DataFrame:
+                    stamp: ReadStamp) -> pd.DataFrame:
     """Quarantine a delivery whole: one quarantine row (``row`` 0, empty image and label) with the
     reason, nothing curated, and a record so that it is not read again. Returns the quarantine row."""
     shutil.rmtree(curated / delivery.vendor / delivery.batch, ignore_errors=True)  # no half-curated rest
     frame = pd.DataFrame([{"vendor": delivery.vendor, "batch": delivery.batch, "row": 0, "image": "",
                            "label": "", "reason": reason}], columns=QUARANTINE_COLUMNS)
     atomic_write_csv(quarantine / delivery.vendor / f"{delivery.batch}.csv", frame)
-    write_state(state, delivery, {"status": REJECTED, "fingerprint": fingerprint, "reason": reason,
+    write_state(state, delivery, {"status": REJECTED, **_stamp_record(stamp), "reason": reason,
                                   "n_delivered": None, "n_accepted": 0, "n_quarantined": None})
     return frame
 
@@ -435,9 +548,24 @@ def load_curated_rows(curated: Path) -> pd.DataFrame:
     return pd.concat([_read_rows(p) for p in _curated_row_files(curated)], ignore_index=True)
 
 
-def duplicate_of(rows: pd.DataFrame) -> pd.Series:
-    """Per curated row (N,): the image_id of the first earlier row with the same content, else ""."""
-    first = rows.groupby("sha256")["image_id"].transform("first")
+def duplicate_of(rows: pd.DataFrame, arrivals: pd.DataFrame) -> pd.Series:
+    """Per curated row (N,): the image_id of the copy with the same content that arrived first, else "".
+
+    ``arrivals`` (:func:`arrival_order`) orders the deliveries: the one ingested first, then the one
+    with the earliest ``labeled_at`` (deliveries without it after those with it), and vendor and batch
+    name only between deliveries tied on both. ``rows`` needs ``image_id, vendor, batch, sha256``.
+    """
+    times = arrivals.set_index(["vendor", "batch"])
+    keys = pd.MultiIndex.from_frame(rows[["vendor", "batch"]])
+
+    def per_row(column: str) -> np.ndarray:  # "" (unknown) and deliveries not in arrivals: NaT, sorted last
+        text = times[column].reindex(keys).fillna("").astype(str)
+        return pd.to_datetime(text.where(text != ""), utc=True, format="ISO8601").to_numpy()
+
+    order = pd.DataFrame({"ingested_at": per_row("ingested_at"), "labeled_at": per_row("labeled_at"),
+                          "vendor": rows["vendor"].to_numpy(), "batch": rows["batch"].to_numpy()}, index=rows.index)
+    ranked = order.sort_values(["ingested_at", "labeled_at", "vendor", "batch"], kind="stable", na_position="last")
+    first = rows.loc[ranked.index].groupby("sha256")["image_id"].transform("first").reindex(rows.index)
     return first.where(first != rows["image_id"], "")
 
 

@@ -405,7 +405,8 @@ def confused_classes(issues: pd.DataFrame, top: int = 3) -> pd.DataFrame:
 
 def duplicate_pairs(issues: pd.DataFrame, examples: int = 3) -> pd.DataFrame:
     """Images delivered again: per (vendor, first_vendor) pair, the count and a few
-    ``(image_id, duplicate_of)`` examples. ``duplicate_of`` names the first image with the same content."""
+    ``(image_id, duplicate_of)`` examples. ``duplicate_of`` names the copy with the same content that
+    arrived first (:func:`ml.delivery.duplicate_of`)."""
     columns = ["vendor", "first_vendor", "n_images", "examples"]
     if "duplicate_of" not in issues:
         return pd.DataFrame(columns=columns)
@@ -761,7 +762,9 @@ def _duplicates(duplicates: pd.DataFrame) -> list:
                   "; ".join(f"{image} (first: {first})" for image, first in r.examples))
                  for r in duplicates.itertuples(index=False))
     return blocks + [_para("Images with exactly the same content as an image delivered earlier. They are kept and "
-                           "scored, but they may have been paid for twice."),
+                           "scored, but they may have been paid for twice. The first copy is the one in the "
+                           "delivery ingested first (then the earliest labeled_at; vendor and batch names only "
+                           "break exact ties)."),
                      Table(("Delivered by", "Already delivered by", "Images", "Examples"), rows)]
 
 

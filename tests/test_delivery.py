@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -196,10 +198,41 @@ def test_fingerprint_changes_when_a_delivered_file_changes(tmp_path):
     assert changed_deliveries(tmp_path / "landing", curated, state) == ["v1.b1"]
 
 
+def _rewrite_byte_for_byte(folder, seconds_later: int) -> None:
+    """Write every file of ``folder`` again with the same bytes and a later modification time."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        path.write_bytes(path.read_bytes())
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds_later * 10**9))
+
+
+def test_a_delivery_rewritten_byte_for_byte_has_not_changed_but_new_bytes_have(tmp_path):
+    from ml.delivery import changed_deliveries, delivery_fingerprint, read_state
+
+    images = {"a.png": Image.fromarray(np.zeros((4, 4), np.uint8)), "b.png": Image.fromarray(np.full((4, 4), 9, np.uint8))}
+    delivery = _delivery(tmp_path, [("a.png", "cat"), ("b.png", "dog")], images)
+    curated, state, landing = tmp_path / "curated", tmp_path / "state", tmp_path / "landing"
+    write_curated(curated, tmp_path / "quarantine", state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    recorded = read_state(state, delivery)
+    _rewrite_byte_for_byte(delivery.folder, seconds_later=60)
+    assert delivery_fingerprint(delivery.folder) != recorded["fingerprint"]  # the fast path alone would say changed
+    assert changed_deliveries(landing, curated, state) == []
+    # the record takes the new times (the next check reads no image); what was read is unchanged
+    refreshed = read_state(state, delivery)
+    assert refreshed["fingerprint"] == delivery_fingerprint(delivery.folder)
+    assert {k: v for k, v in refreshed.items() if k != "fingerprint"} == \
+        {k: v for k, v in recorded.items() if k != "fingerprint"}
+    # new pixels in one image: a change
+    pixels = np.zeros((4, 4), np.uint8)
+    pixels[0, 0] = 1
+    Image.fromarray(pixels).save(delivery.folder / "a.png")
+    assert changed_deliveries(landing, curated, state) == ["v1.b1"]
+
+
 def test_a_home_made_before_records_moved_out_of_curated_still_detects_changes(tmp_path):
     import json
 
-    from ml.delivery import changed_deliveries, delivery_fingerprint
+    from ml.delivery import changed_deliveries, delivery_content_digest, delivery_fingerprint, read_state
 
     image = Image.fromarray(np.zeros((4, 4), np.uint8))
     delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": image})
@@ -208,12 +241,17 @@ def test_a_home_made_before_records_moved_out_of_curated_still_detects_changes(t
     (curated / "v1" / "b1" / "delivery.json").write_text(json.dumps({
         "fingerprint": delivery_fingerprint(delivery.folder), "n_delivered": 1, "n_accepted": 1, "n_quarantined": 0}))
     assert changed_deliveries(tmp_path / "landing", curated, tmp_path / "state") == []
+    # its files are as they were read: their content digest and a reading time are recorded now
+    record = read_state(tmp_path / "state", delivery)
+    assert record["content_digest"] == delivery_content_digest(delivery.folder) and record["ingested_at"]
+    _rewrite_byte_for_byte(delivery.folder, seconds_later=60)
+    assert changed_deliveries(tmp_path / "landing", curated, tmp_path / "state") == []
     (delivery.folder / "labels.csv").write_text("image,label\na.png,dog\n")
     assert changed_deliveries(tmp_path / "landing", curated, tmp_path / "state") == ["v1.b1"]
 
 
 def test_unusable_labels_file_quarantines_the_delivery_whole(tmp_path):
-    from ml.delivery import delivery_fingerprint, delivery_outcome, is_settled, reject_delivery
+    from ml.delivery import delivery_outcome, is_settled, reject_delivery, stamp_delivery
 
     delivery = _delivery(tmp_path, [("a.png", "cat")], {"a.png": Image.fromarray(np.zeros((4, 4), np.uint8))})
     (delivery.folder / "labels.csv").write_text("file,class\na.png,cat\n")
@@ -222,7 +260,7 @@ def test_unusable_labels_file_quarantines_the_delivery_whole(tmp_path):
     (curated / "v1" / "b1" / ".images.npy.tmp-123").write_bytes(b"left by a killed run")
     with pytest.raises(DeliveryError) as error:
         ingest_delivery(delivery, CLASSES, 4, 1)
-    reject_delivery(curated, quarantine, state, delivery, str(error.value), delivery_fingerprint(delivery.folder))
+    reject_delivery(curated, quarantine, state, delivery, str(error.value), stamp_delivery(delivery.folder))
     row = pd.read_csv(quarantine / "v1" / "b1.csv", keep_default_na=False).to_dict(orient="records")
     assert row == [{"vendor": "v1", "batch": "b1", "row": 0, "image": "", "label": "", "reason": str(error.value)}]
     assert "labels.csv: missing required column(s) image, label" in row[0]["reason"]
@@ -267,8 +305,66 @@ def test_taxonomy_change_is_described_and_refused(tmp_path):
 def test_same_content_across_deliveries_is_kept_and_marked_as_a_duplicate(tmp_path):
     from ml.delivery import duplicate_of
 
-    rows = pd.DataFrame({"image_id": ["a/b1/x.png", "a/b1/y.png", "c/b9/z.png"], "sha256": ["h1", "h2", "h1"]})
-    assert duplicate_of(rows).tolist() == ["", "", "a/b1/x.png"]
+    rows = pd.DataFrame({"image_id": ["a/b1/x.png", "a/b1/y.png", "c/b9/z.png"], "vendor": ["a", "a", "c"],
+                         "batch": ["b1", "b1", "b9"], "sha256": ["h1", "h2", "h1"]})
+    arrivals = pd.DataFrame({"vendor": ["a", "c"], "batch": ["b1", "b9"],
+                             "ingested_at": ["2025-03-01T14:30:00+00:00", "2025-03-01T15:01:00+00:00"],
+                             "labeled_at": ["", ""]})
+    assert duplicate_of(rows, arrivals).tolist() == ["", "", "a/b1/x.png"]
+
+
+def _landed(landing, vendor: str, batch: str, images: dict, labeled_at: list[str] | None = None) -> Delivery:
+    """A complete delivery of 4x4 grayscale PNGs (name -> pixel value), all labelled cat."""
+    folder = landing / vendor / batch
+    folder.mkdir(parents=True)
+    for name, value in images.items():
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(folder / name)
+    labels = pd.DataFrame({"image": list(images), "label": "cat"})
+    if labeled_at is not None:
+        labels["labeled_at"] = labeled_at
+    labels.to_csv(folder / "labels.csv", index=False)
+    (folder / "_READY").write_text("")
+    return Delivery(vendor, batch, folder)
+
+
+def test_the_first_copy_of_a_repeated_image_is_the_one_ingested_first_whatever_the_names(tmp_path):
+    from ml.delivery import arrival_order, duplicate_of, load_curated_rows
+
+    landing, curated, quarantine, state = (tmp_path / n for n in ("landing", "curated", "quarantine", "state"))
+    # b and c deliver first; a's second batch, ingested later, repeats one image of each
+    early = [_landed(landing, "c", "batch-001", {"c1.png": 10, "c2.png": 20}),
+             _landed(landing, "b", "batch-001", {"b1.png": 30})]
+    for delivery in early:
+        write_curated(curated, quarantine, state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    late = _landed(landing, "a", "batch-002", {"again-c1.png": 10, "again-b1.png": 30, "new.png": 40})
+    write_curated(curated, quarantine, state, late, ingest_delivery(late, CLASSES, 4, 1))
+    rows = load_curated_rows(curated)  # in name order: a's copies come first
+    arrivals = arrival_order(early + [late], curated, state)
+    assert (arrivals["ingested_at"] != "").all() and arrivals["ingested_at"].is_monotonic_increasing
+    first = dict(zip(rows["image_id"], duplicate_of(rows, arrivals)))
+    assert first == {"a/batch-002/again-c1.png": "c/batch-001/c1.png", "a/batch-002/again-b1.png": "b/batch-001/b1.png",
+                     "a/batch-002/new.png": "", "b/batch-001/b1.png": "", "c/batch-001/c1.png": "",
+                     "c/batch-001/c2.png": ""}
+
+
+def test_deliveries_read_at_the_same_time_are_ordered_by_labeled_at_then_by_name(tmp_path):
+    from ml.delivery import arrival_order, duplicate_of, read_state
+
+    landing, curated, state = tmp_path / "landing", tmp_path / "curated", tmp_path / "state"
+    later = _landed(landing, "a", "b1", {"x.png": 10}, labeled_at=["2025-03-02 09:00"])
+    earlier = _landed(landing, "z", "b1", {"x.png": 10}, labeled_at=["2025-03-01T18:00:00Z"])
+    for delivery in (later, earlier):
+        write_curated(curated, tmp_path / "quarantine", state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    assert read_state(state, earlier)["labeled_at"] == "2025-03-01T18:00:00.000000+00:00"
+    rows = pd.DataFrame({"image_id": ["a/b1/x.png", "z/b1/x.png", "m/b1/x.png"], "vendor": ["a", "z", "m"],
+                         "batch": ["b1", "b1", "b1"], "sha256": ["h", "h", "h"]})
+    arrivals = arrival_order([later, earlier], curated, state).assign(ingested_at="2025-03-03T00:00:00+00:00")
+    tie = pd.DataFrame([{"vendor": "m", "batch": "b1", "ingested_at": "2025-03-03T00:00:00+00:00", "labeled_at": ""}])
+    # the same reading time: the earliest labeled_at first, a delivery without one after those with one
+    assert duplicate_of(rows, pd.concat([arrivals, tie])).tolist() == ["z/b1/x.png", "", "z/b1/x.png"]
+    # tied on both: vendor and batch names decide
+    same = pd.concat([arrivals, tie]).assign(labeled_at="")
+    assert duplicate_of(rows, same).tolist() == ["", "a/b1/x.png", "a/b1/x.png"]
 
 
 def test_annotator_names_are_kept_in_the_curated_rows(tmp_path):

@@ -102,11 +102,11 @@ def test_two_dataset_versions_are_listed_and_the_first_is_restored_with_its_scor
     assert "d" in set(pd.read_csv(home / "reports" / "scorecard.csv")["vendor"])
 
 
-def test_dvc_repro_at_the_project_root_simulates_then_audits_a_small_home(tmp_path):
-    """The project's dvc.yaml and params.yaml, copied into a fresh checkout, run on a small digits home."""
+def test_make_demo_runs_the_project_pipeline_and_a_later_dvc_repro_has_nothing_to_do(tmp_path):
+    """The project's Makefile, dvc.yaml and params.yaml, copied into a fresh checkout, run on a small digits home."""
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
+    for name in ("Makefile", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(PROJECT / name, project / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -119,8 +119,9 @@ def test_dvc_repro_at_the_project_root_simulates_then_audits_a_small_home(tmp_pa
     write_settings(home, replace(Settings(classes=classes), **{**FAST, **QUICK}))
 
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=600)
+    # `-o install`: this test's venv is installed already
+    done = subprocess.run(["make", "-o", "install", "demo", f"VENV={BIN.parent}"], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     scorecard = pd.read_csv(home / "reports" / "scorecard.csv")
     assert list(scorecard["vendor"]) == ["a", "b"]
@@ -129,5 +130,11 @@ def test_dvc_repro_at_the_project_root_simulates_then_audits_a_small_home(tmp_pa
     assert lock["stages"]["audit"]["params"]["home/vendor-audit.yaml"]["epochs"] == 3
     assert "up to date" in _dvc(project, "status")
     assert '"simulate" -> "audit"' in _dvc(project, "dag", "--dot")
+    # after the demo, `dvc repro` neither simulates again nor retrains
+    audits = _git(home, "log", "--format=%s")
+    again = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout + again.stderr
+    assert _git(home, "log", "--format=%s") == audits
     # the home it made is a repository with its first dataset version and audit
     assert [s.split(":")[0].split()[0] for s in _git(home, "log", "--format=%s").splitlines()] == ["audit", "dataset"]

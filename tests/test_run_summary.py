@@ -106,3 +106,29 @@ def test_summary_lines_name_vendor_warnings_and_changed_deliveries(tmp_path):
     assert "vendor b: only 12 images: no claims" in lines and "a.b0" in lines and "waiting for _READY: a/b2" in lines
     assert not summary.input_problems and "exit status 3" not in lines
 
+
+
+def test_a_delivery_rewritten_byte_for_byte_is_not_changed_and_nothing_reruns(tmp_path, capsys):
+    from ml.datasets import load_digits_upscaled
+    from ml.simulate import simulate_deliveries
+
+    vendors = {"a": 0.0, "b": 0.2}
+    home = make_home(tmp_path / "home", vendors, per_vendor=60, epochs=3, heads=("softmax",))
+    assert main(["run", "--home", str(home)]) == 0
+    runs_before = {r.dagster_run.run_id for r in open_instance(home).get_run_records()}
+    # what `dvc repro` does after `make demo`: the same simulation again, every file rewritten, same bytes
+    simulate_deliveries(load_digits_upscaled(), vendors, 60, home, seed=0)
+    capsys.readouterr()
+    assert main(["run", "--home", str(home)]) == 0
+    output = capsys.readouterr()
+    assert "changed" not in output.out + output.err
+    assert "no new delivery in this run" in output.out
+    assert {r.dagster_run.run_id for r in open_instance(home).get_run_records()} == runs_before  # nothing ran
+
+    image = sorted((home / "landing" / "b" / "batch-001" / "images").iterdir())[0]
+    image.write_bytes(sorted((home / "landing" / "a" / "batch-001" / "images").iterdir())[0].read_bytes())
+    assert main(["run", "--home", str(home)]) == 0
+    output = capsys.readouterr()
+    assert "changed after they were read, change ignored (deliver again under a new batch name): b.batch-001" \
+        in output.out
+    assert "delivery b.batch-001 changed in the landing folder after it was read" in output.err
