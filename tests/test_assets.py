@@ -50,10 +50,12 @@ def test_degenerate_images_are_quarantined_and_do_not_set_the_inferred_image_siz
     write_settings(small_home, replace(load_settings(small_home), max_aspect_ratio=2))
     folder = small_home / "landing" / "a" / "batch-001"
     Image.fromarray(np.full((1, 1), 255, np.uint8)).save(folder / "images" / "dot.png")
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 60), dtype=np.uint8)).save(folder / "images" / "wide.png")
+    wide = np.random.default_rng(0).integers(0, 256, (24, 60), dtype=np.uint8)
+    Image.fromarray(wide).save(folder / "images" / "wide.png")
     labels = (folder / "labels.csv").read_text().splitlines(keepends=True)
     # the 1x1 image comes first, where the image size is inferred from
-    (folder / "labels.csv").write_text(labels[0] + "images/dot.png,7,a-team\nimages/wide.png,3,a-team\n" + "".join(labels[1:]))
+    degenerate = "images/dot.png,7,a-team\nimages/wide.png,3,a-team\n"
+    (folder / "labels.csv").write_text(labels[0] + degenerate + "".join(labels[1:]))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("deliveries", ["a.batch-001"])
     result = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance,
