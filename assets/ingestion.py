@@ -57,9 +57,11 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
     image_format = read_format(curated)
     try:
         if image_format is None:
-            inferred = (None, None) if settings.image_size and settings.channels else infer_format(delivery)
+            inferred = ((None, None) if settings.image_size and settings.channels
+                        else infer_format(delivery, settings.image_limits(settings.image_size)))
             image_format = (settings.image_size or inferred[0], settings.channels or inferred[1])
-        result = ingest_delivery(delivery, settings.classes, *image_format, stamp=stamp)
+        result = ingest_delivery(delivery, settings.classes, *image_format,
+                                 limits=settings.image_limits(image_format[0]), stamp=stamp)
     except DeliveryError as exc:  # labels.csv unusable: the delivery is quarantined whole, the run goes on
         reject_delivery(curated, audit_home.quarantine, state, delivery, str(exc), stamp)
         context.log.warning(f"{delivery.key} rejected whole: {exc}")

@@ -7,13 +7,14 @@ import math
 from dataclasses import asdict, fields
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
 from ml.files import atomic_write_text
+from ml.images import AUTO, DEFAULT_MAX_ASPECT_RATIO, MAX_UPSCALE, MIN_SIDE_FLOOR, ImageLimits, image_limits
 
 CONFIG_NAME = "vendor-audit.yaml"
 HEADS = ("softmax", "l2softmax")
@@ -45,6 +46,8 @@ class Settings:
     classes: tuple[str, ...]
     image_size: Annotated[StrictInt, Field(ge=8, le=512)] | None = None
     channels: StrictInt | None = None
+    min_image_side: Annotated[StrictInt, Field(ge=1)] | Literal["auto"] = AUTO  # auto: image_size / 4, >= 8 px
+    max_aspect_ratio: Annotated[StrictFloat, Field(ge=1)] = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side
     quarantine_warn_share: Annotated[StrictFloat, Field(ge=0, le=1)] = 0.05
     folds: Annotated[StrictInt, Field(ge=2)] = 5
     epochs: Annotated[StrictInt, Field(ge=1)] = 8
@@ -135,6 +138,11 @@ class Settings:
             raise ValueError(f"must be {RULES['channels']}")
         return value
 
+    def image_limits(self, image_size: int | None) -> ImageLimits:
+        """The size and shape a delivered image must have, for images stored at ``image_size`` (the
+        configured or inferred size; None while it is not known, e.g. to infer it)."""
+        return image_limits(image_size, self.min_image_side, self.max_aspect_ratio)
+
     def class_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}
 
@@ -157,6 +165,9 @@ RULES = {
     "classes": "a list of at least two unique, non-empty class names",
     "image_size": "an integer from 8 to 512, or null to infer it from the first delivery",
     "channels": "1 or 3, or null to infer it from the first delivery",
+    "min_image_side": f"auto (image_size / {MAX_UPSCALE}, at least {MIN_SIDE_FLOOR} px) or an integer >= 1: "
+                      f"images whose shorter side is smaller are quarantined",
+    "max_aspect_ratio": "a number >= 1: images whose longer side exceeds it times the shorter are quarantined",
     "quarantine_warn_share": "a number from 0 to 1",
     "folds": "an integer >= 2",
     "epochs": "an integer >= 1",

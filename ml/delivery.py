@@ -26,7 +26,7 @@ import pandas as pd
 
 from ml.files import atomic_write_bytes, atomic_write_csv, file_sha256
 from ml.image_stack import ImageStack
-from ml.images import ImageError, decode_image, probe_image
+from ml.images import ImageError, ImageLimits, decode_image, image_limits, probe_image
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -41,6 +41,7 @@ TAXONOMY_FILE = "taxonomy.json"
 # Photos are kept up to the input side of ImageNet backbones (224 px), so each backbone reads its own
 # input size; features at 224 px were 3.7 points more accurate than at 128 px (README, Photos).
 MAX_INFERRED_SIDE = 224
+INFER_SAMPLE = 1000  # usable images whose sizes are read to infer the format (headers only, cheap)
 INGESTED, REJECTED = "ingested", "rejected"
 
 
@@ -253,14 +254,18 @@ def ingest_delivery(
     classes: tuple[str, ...],
     image_size: int,
     channels: int,
+    limits: ImageLimits | None = None,
     stamp: ReadStamp | None = None,
 ) -> IngestResult:
     """Validate every row of a delivery and decode its accepted images.
 
     Labels are matched to ``classes`` ignoring surrounding spaces and letter case (normalised to the
-    taxonomy's spelling). Rejected rows are kept in ``quarantine`` with the reason. ``stamp``: the
-    folder as it was before reading (taken now when not given).
+    taxonomy's spelling). Images too small, too elongated (``limits``; None: the defaults for
+    ``image_size``) or blank are quarantined: they carry no evidence to judge a label by. Rejected
+    rows are kept in ``quarantine`` with the reason. ``stamp``: the folder as it was before reading
+    (taken now when not given).
     """
+    limits = limits if limits is not None else image_limits(image_size)
     stamp = stamp or stamp_delivery(delivery.folder)
     labels = read_labels_csv(delivery.folder / LABELS_FILE, OPTIONAL_COLUMNS)
     canonical = {c.casefold(): c for c in classes}
@@ -292,7 +297,7 @@ def ingest_delivery(
             reject(row, "image path leaves the batch folder")
             continue
         try:
-            pixels = decode_image(path, image_size, channels)
+            pixels = decode_image(path, image_size, channels, limits)
         except ImageError as exc:
             reject(row, str(exc))
             continue
@@ -313,20 +318,37 @@ def ingest_delivery(
                         stamp=stamp, labeled_at=earliest_time(labels["labeled_at"]))
 
 
-def infer_format(delivery: Delivery) -> tuple[int, int]:
-    """``(image_size, channels)`` from the first decodable image of a delivery: its shorter side, at
-    most MAX_INFERRED_SIDE (images are stored as squares cut from their centre, see decode_image)."""
+def infer_format(delivery: Delivery, limits: ImageLimits | None = None) -> tuple[int, int]:
+    """``(image_size, channels)`` inferred from a delivery's images, read from their headers.
+
+    The size is the median shorter side of the first INFER_SAMPLE images that can be opened and
+    pass ``limits``' size and shape checks (None: the defaults while no size is known), at most
+    MAX_INFERRED_SIDE (images are stored as squares cut from their centre, see decode_image); the
+    channels are those of the first such image. A tiny or elongated image, or a few, cannot set the
+    size of a home.
+    """
+    limits = limits if limits is not None else image_limits(None)
     labels = read_labels_csv(delivery.folder / LABELS_FILE)
+    sides, first_channels = [], None
     for name in labels["image"]:
         path = resolve_inside(delivery.folder, name.strip())
         if path is None:
             continue
         try:
             height, width, channels = probe_image(path)
+            limits.check_shape(height, width)
         except ImageError:
             continue
-        return min(height, width, MAX_INFERRED_SIDE), channels
-    raise DeliveryError(f"{delivery.folder}: no decodable image to infer the image size from")
+        sides.append(min(height, width))
+        first_channels = first_channels or channels
+        if len(sides) == INFER_SAMPLE:
+            break
+    if not sides:
+        raise DeliveryError(f"{delivery.folder}: no usable image to infer the image size from (none can be "
+                            f"opened with a shorter side of at least {limits.min_side} px and an aspect ratio "
+                            f"of at most {limits.max_aspect_ratio:g}:1)")
+    median_side = sorted(sides)[(len(sides) - 1) // 2]  # a side that occurs, not the mean of two
+    return min(median_side, MAX_INFERRED_SIDE), first_channels
 
 
 def _delivery_files(folder: Path) -> list[Path]:

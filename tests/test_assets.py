@@ -38,6 +38,38 @@ def test_ingestion_asset_writes_curated_rows_and_passes_its_checks(small_home):
     assert any((small_home / "dvc-remote").rglob("*")), "the snapshot was pushed to the default remote"
 
 
+def test_degenerate_images_are_quarantined_and_do_not_set_the_inferred_image_size(small_home):
+    import json
+    from dataclasses import replace
+
+    import numpy as np
+    from PIL import Image
+
+    from ml.config import load_settings, write_settings
+
+    write_settings(small_home, replace(load_settings(small_home), max_aspect_ratio=2))
+    folder = small_home / "landing" / "a" / "batch-001"
+    Image.fromarray(np.full((1, 1), 255, np.uint8)).save(folder / "images" / "dot.png")
+    wide = np.random.default_rng(0).integers(0, 256, (24, 60), dtype=np.uint8)
+    Image.fromarray(wide).save(folder / "images" / "wide.png")
+    labels = (folder / "labels.csv").read_text().splitlines(keepends=True)
+    # the 1x1 image comes first, where the image size is inferred from
+    degenerate = "images/dot.png,7,a-team\nimages/wide.png,3,a-team\n"
+    (folder / "labels.csv").write_text(labels[0] + degenerate + "".join(labels[1:]))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001"])
+    result = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance,
+                            resources={"audit_home": AuditHome(home=str(small_home))})
+    assert json.loads((small_home / "curated" / "format.json").read_text()) == {"image_size": 24, "channels": 1}
+    quarantine = pd.read_csv(small_home / "quarantine" / "a" / "batch-001.csv")
+    assert quarantine[["row", "reason"]].values.tolist() == [
+        [1, "image too small (1x1 px; min_image_side 8 px)"],
+        [2, "extreme aspect ratio (2.5:1, 60x24 px; max_aspect_ratio 2)"]]  # the setting reaches the asset
+    metadata = result.asset_materializations_for_node("vendor_delivery")[0].metadata
+    assert (metadata["n_delivered"].value, metadata["n_accepted"].value, metadata["n_quarantined"].value) == (62, 60, 2)
+    assert {c.check_name: c.passed for c in result.get_asset_check_evaluations()}["rows_reconcile"]
+
+
 def test_sensor_adds_partitions_for_complete_deliveries_once(small_home):
     instance = dg.DagsterInstance.ephemeral()
     (small_home / "landing" / "c" / "batch-001").mkdir(parents=True)  # no _READY yet: waits

@@ -122,3 +122,88 @@ def test_broken_or_unsupported_images_are_quarantined(tmp_path, name, content, r
     result = ingest_delivery(Delivery("v", "b", folder), ("cat", "dog"), 8, 1)
     assert result.reconciles and len(result.accepted) == 0
     assert result.quarantine["reason"].str.contains(reason).all(), result.quarantine["reason"].tolist()
+
+
+def _land(tmp_path, images: dict) -> Delivery:
+    """A ready delivery of real image files written with PIL (name -> uint8 array), all labelled cat."""
+    folder = tmp_path / "landing" / "v" / "b"
+    folder.mkdir(parents=True)
+    for name, pixels in images.items():
+        Image.fromarray(pixels).save(folder / name, quality=95)
+    (folder / "labels.csv").write_text("image,label\n" + "".join(f"{name},cat\n" for name in images))
+    (folder / "_READY").write_text("")
+    return Delivery("v", "b", folder)
+
+
+def _noise(height: int, width: int, channels: int = 0, seed: int = 0) -> np.ndarray:
+    shape = (height, width, channels) if channels else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_degenerate_images_are_quarantined_with_the_reason_and_the_rest_accepted(tmp_path):
+    from ml.delivery import delivery_outcome, write_curated
+
+    faint = np.zeros((32, 32), np.uint8)
+    faint[::2] = 1  # low contrast is content, not blank: only an exactly uniform image is
+    delivery = _land(tmp_path, {
+        "photo.png": _noise(32, 32, 3),
+        "photo.jpg": _noise(40, 32, 3, seed=1),
+        "faint.png": faint,
+        "smallest.png": _noise(8, 30, seed=2),     # shorter side at the limit, ratio 3.75: kept
+        "four-to-one.png": _noise(10, 40, seed=3),  # exactly the limit: kept
+        "dot.png": np.full((1, 1), 17, np.uint8),   # the reported case: scored p_error 1.0 before
+        "thin.png": _noise(7, 20, seed=4),
+        "black.png": np.zeros((32, 32), np.uint8),
+        "grey.jpg": np.full((48, 64), 128, np.uint8),
+        "red.png": np.full((32, 32, 3), (255, 0, 0), np.uint8),  # one colour: every pixel alike
+        "banner.png": _noise(10, 120, 3, seed=5),
+        "pole.jpg": _noise(50, 10, seed=6),
+    })
+    result = ingest_delivery(delivery, ("cat", "dog"), 32, 3)
+    reasons = dict(zip(result.quarantine["image"], result.quarantine["reason"]))
+    assert reasons == {
+        "dot.png": "image too small (1x1 px; min_image_side 8 px)",
+        "thin.png": "image too small (20x7 px; min_image_side 8 px)",
+        "black.png": "image is blank: every pixel has the same value (0, 0, 0)",
+        "grey.jpg": "image is blank: every pixel has the same value (128, 128, 128)",
+        "red.png": "image is blank: every pixel has the same value (255, 0, 0)",
+        "banner.png": "extreme aspect ratio (12:1, 120x10 px; max_aspect_ratio 4)",
+        "pole.jpg": "extreme aspect ratio (5:1, 10x50 px; max_aspect_ratio 4)",
+    }
+    assert result.accepted["image"].tolist() == ["photo.png", "photo.jpg", "faint.png", "smallest.png",
+                                                 "four-to-one.png"]
+    assert result.images.shape == (5, 32, 32, 3) and result.reconciles and result.n_delivered == 12
+    # the run summary counts them by kind, whatever the sizes and values
+    write_curated(tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state", delivery, result)
+    outcome = delivery_outcome(delivery, tmp_path / "quarantine", tmp_path / "state", 0.05)
+    assert (outcome.n_delivered, outcome.n_accepted, outcome.n_quarantined) == (12, 5, 7)
+    assert outcome.top_reasons == [("image is blank: every pixel has the same value", 3),
+                                   ("extreme aspect ratio", 2), ("image too small", 2)]
+
+
+def test_limits_follow_the_settings_and_the_stored_size(tmp_path):
+    from ml.images import image_limits
+
+    delivery = _land(tmp_path, {"big.png": _noise(60, 60), "mid.png": _noise(40, 40, seed=1),
+                                "long.png": _noise(60, 150, seed=2)})
+    # auto: a quarter of the stored size, so 40 px images are kept at 128 px and refused at 224 px
+    assert image_limits(128).min_side == 32 and image_limits(224).min_side == 56
+    assert image_limits(None).min_side == image_limits(16).min_side == 8  # never under 8 px
+    result = ingest_delivery(delivery, ("cat", "dog"), 224, 1)
+    assert result.quarantine["reason"].tolist() == ["image too small (40x40 px; min_image_side 56 px)"]
+    chosen = image_limits(224, min_image_side=40, max_aspect_ratio=2.5)
+    result = ingest_delivery(delivery, ("cat", "dog"), 224, 1, chosen)
+    assert result.accepted["image"].tolist() == ["big.png", "mid.png", "long.png"]
+    result = ingest_delivery(delivery, ("cat", "dog"), 224, 1, image_limits(224, 40, 2.4))
+    assert result.quarantine["reason"].tolist() == ["extreme aspect ratio (2.5:1, 150x60 px; max_aspect_ratio 2.4)"]
+
+
+def test_tiny_or_elongated_images_do_not_set_the_inferred_size(tmp_path):
+    from ml.delivery import infer_format
+
+    images = {"dot.png": _noise(1, 1), "banner.png": _noise(10, 300, seed=1), "icon.png": _noise(12, 12, seed=2)}
+    images.update({f"{i}.png": _noise(28, 28, seed=10 + i) for i in range(3)})
+    assert infer_format(_land(tmp_path / "mixed", images)) == (28, 1)
+    tiny = _land(tmp_path / "tiny", {"dot.png": _noise(1, 1, 3), "speck.png": _noise(3, 5, 3)})
+    with pytest.raises(DeliveryError, match="no usable image to infer the image size from"):
+        infer_format(tiny)

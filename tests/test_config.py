@@ -46,7 +46,8 @@ def test_settings_round_trip(tmp_path):
     assert load_settings(tmp_path) == settings
     write_settings(tmp_path, Settings(classes=("cat", "dog")))
     assert load_settings(tmp_path).heads == "auto" and "heads: auto" in (tmp_path / "vendor-audit.yaml").read_text()
-    full = Settings(classes=("T-shirt/top", "0", "yes"), image_size=512, channels=3, quarantine_warn_share=0.0,
+    full = Settings(classes=("T-shirt/top", "0", "yes"), image_size=512, channels=3, min_image_side=20,
+                    max_aspect_ratio=2.5, quarantine_warn_share=0.0,
                     folds=2, epochs=1, batch_size=2, learning_rate=1.0, seed=2**32 - 1, heads=("l2softmax", "softmax"),
                     bootstrap=50, tracking_uri="sqlite:///x.db", dvc_remote="s3://bucket/audit")
     write_settings(tmp_path, full)
@@ -83,7 +84,8 @@ def test_numbers_written_as_text_are_rejected(tmp_path, text, value):
     assert f"(got {value}): that is text, not a number" in message
 
 
-@pytest.mark.parametrize("field", ["epochs", "folds", "batch_size", "seed", "bootstrap", "image_size", "channels"])
+@pytest.mark.parametrize("field", ["epochs", "folds", "batch_size", "seed", "bootstrap", "image_size", "channels",
+                                   "min_image_side"])
 def test_a_bool_is_not_an_int(tmp_path, field):
     message = _error(tmp_path, f"classes: [cat, dog]\n{field}: true\n")
     assert f"'{field}' must be " in message and "(got True)" in message
@@ -110,6 +112,8 @@ RANGES = [
     ("seed", ["-1", str(2**32)], ["0", str(2**32 - 1)]),
     ("channels", ["2", "0", "4", "3.0"], ["1", "3", "null"]),
     ("image_size", ["7", "513", "32.0"], ["8", "512", "null"]),
+    ("min_image_side", ["0", "-8", "8.0", "null", "automatic", "'8'"], ["1", "8", "1000", "auto"]),
+    ("max_aspect_ratio", ["0.99", "0", "-4", ".inf", ".nan", "null", "'4'"], ["1", "4", "2.5", "100"]),
     ("heads", ["[]", "softmax", "[resnet]", "[softmax, softmax]", "[softmax, 1]"],
      ["[softmax]", "[l2softmax, softmax]", "auto"]),
     ("tracking_uri", ["5", "null", "[a]"], ["''", "http://127.0.0.1:5000"]),
@@ -168,3 +172,18 @@ def test_backbone_weights_and_training_default_to_auto(tmp_path):
 ])
 def test_backbone_settings_errors_list_the_valid_names(tmp_path, text, reason):
     assert __import__("re").search(reason, _error(tmp_path, "classes: [cat, dog]\n" + text))
+
+
+def test_image_limits_default_to_a_quarter_of_the_image_size_and_follow_the_settings(tmp_path):
+    settings = _load(tmp_path, "classes: [cat, dog]\n")
+    assert (settings.min_image_side, settings.max_aspect_ratio) == ("auto", 4.0)
+    assert "min_image_side: auto\nmax_aspect_ratio: 4.0\n" in settings.to_yaml()
+    # the size is inferred from the first delivery: 8 px until it is known, then a quarter of it
+    assert [settings.image_limits(size).min_side for size in (None, 8, 28, 32, 36, 224)] == [8, 8, 8, 8, 9, 56]
+    assert settings.image_limits(224).max_aspect_ratio == 4.0
+    chosen = _load(tmp_path, "classes: [cat, dog]\nmin_image_side: 20\nmax_aspect_ratio: 2\n")
+    assert (chosen.image_limits(None).min_side, chosen.image_limits(224).min_side) == (20, 20)
+    assert chosen.image_limits(224).max_aspect_ratio == 2.0
+    message = _error(tmp_path, "classes: [cat, dog]\nmin_image_side: 0\n")
+    assert message == (f"{tmp_path / CONFIG_NAME}: 'min_image_side' must be auto (image_size / 4, at least 8 px) "
+                       f"or an integer >= 1: images whose shorter side is smaller are quarantined (got 0)")

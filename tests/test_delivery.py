@@ -30,8 +30,8 @@ def _delivery(tmp_path, rows, images):
 
 
 def test_every_row_is_accepted_or_quarantined_with_a_reason(tmp_path):
-    good = Image.fromarray(np.full((10, 10), 200, np.uint8))
-    other = Image.fromarray(np.full((10, 10), 100, np.uint8))
+    good = Image.fromarray(np.arange(100, 200, dtype=np.uint8).reshape(10, 10))
+    other = Image.fromarray(np.arange(100, dtype=np.uint8).reshape(10, 10))
     png = (tmp_path / "x.png")
     good.save(png)
     truncated = png.read_bytes()[:40]
@@ -172,13 +172,13 @@ def test_curated_images_are_memory_mapped_per_delivery_and_read_as_one(tmp_path)
 
 
 def test_curated_storage_round_trip(tmp_path):
-    image = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4))
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
     delivery = _delivery(tmp_path, [("a.png", "cat"), ("b.png", "bird")], {"a.png": image})
-    result = ingest_delivery(delivery, CLASSES, 4, 1)
+    result = ingest_delivery(delivery, CLASSES, 8, 1)
     write_curated(tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state", delivery, result)
     rows, images = load_curated(tmp_path / "curated")
     assert rows["image_id"].tolist() == ["v1/b1/a.png"]
-    np.testing.assert_array_equal(images[0, :, :, 0], np.arange(16).reshape(4, 4))
+    np.testing.assert_array_equal(images[0, :, :, 0], np.arange(64).reshape(8, 8))
     assert pd.read_csv(tmp_path / "quarantine" / "v1" / "b1.csv")["reason"].tolist() == ["unknown class 'bird'"]
     # curated/ holds content only: the change-detection record lives in the state folder
     assert sorted(p.name for p in (tmp_path / "curated").rglob("*")) == ["b1", "images.npy", "rows.csv", "v1"]
@@ -273,11 +273,11 @@ def test_unusable_labels_file_quarantines_the_delivery_whole(tmp_path):
 def test_outcome_counts_quarantine_reasons_alike(tmp_path):
     from ml.delivery import delivery_outcome
 
-    good = Image.fromarray(np.full((4, 4), 9, np.uint8))
+    good = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8))
     delivery = _delivery(tmp_path, [("a.png", "cat"), ("a.png", "cat"), ("b.png", "cat"), ("b.png", "dog"),
                                     ("c.png", "bird"), ("d.png", "cat"), ("e.png", "cat")],
-                         {"a.png": good, "b.png": Image.fromarray(np.full((4, 4), 7, np.uint8))})
-    result = ingest_delivery(delivery, CLASSES, 4, 1)
+                         {"a.png": good, "b.png": Image.fromarray(np.arange(64, 128, dtype=np.uint8).reshape(8, 8))})
+    result = ingest_delivery(delivery, CLASSES, 8, 1)
     write_curated(tmp_path / "curated", tmp_path / "quarantine", tmp_path / "state", delivery, result)
     outcome = delivery_outcome(delivery, tmp_path / "quarantine", tmp_path / "state", 0.05)
     assert (outcome.n_delivered, outcome.n_accepted, outcome.n_quarantined) == (7, 2, 5)
@@ -370,11 +370,11 @@ def test_deliveries_read_at_the_same_time_are_ordered_by_labeled_at_then_by_name
 def test_annotator_names_are_kept_in_the_curated_rows(tmp_path):
     from ml.delivery import load_curated_rows
 
-    images = {f"{i}.png": Image.fromarray(np.full((4, 4), 40 * i, np.uint8)) for i in range(3)}
+    images = {f"{i}.png": Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) + 40 * i) for i in range(3)}
     delivery = _delivery(tmp_path, [(name, "cat") for name in images], images)
     (delivery.folder / "labels.csv").write_text("label,annotator,image\ncat, ann ,0.png\ndog,,1.png\ncat,bo,2.png\n")
     curated = tmp_path / "curated"
-    write_curated(curated, tmp_path / "quarantine", tmp_path / "state", delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+    write_curated(curated, tmp_path / "quarantine", tmp_path / "state", delivery, ingest_delivery(delivery, CLASSES, 8, 1))
     rows = load_curated_rows(curated)
     assert rows["annotator"].tolist() == ["ann", "", "bo"] and rows["label"].tolist() == ["cat", "dog", "cat"]
     # rows curated before annotators were kept read as unnamed
