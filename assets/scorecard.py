@@ -9,8 +9,9 @@ import pandas as pd
 
 from assets.scoring import _require_champion, _table, label_issues
 from ml.audit import load_audit
-from ml.check_plan import read_answers_state, read_plans, vendor_checks, write_answers_state
+from ml.check_plan import checks_for_target, read_answers_state, read_plans, vendor_checks, write_answers_state
 from ml.files import atomic_write_bytes, atomic_write_csv
+from ml.reliability import HAND_CHECK_HALFWIDTH, assess_reliability, what_would_help
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
 from ml.scorecard import build_scorecard, checks_last, compare_vendors
 from ml.wording import count
@@ -42,8 +43,16 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     dataset_version = dvc.version_of("curated")
     answers_state = read_answers_state(audit_home.checks_state)
     checks_version = answers_state.get("versions", {}).get("checks", "")
-    checks = vendor_checks(issues, read_plans(audit_home.plans), vendors, rates.low, rates.high)
-    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates, checks=checks)
+    plans = read_plans(audit_home.plans)
+    checks = vendor_checks(issues, plans, vendors, rates.low, rates.high)
+    reliability = assess_reliability(rates, saved.heldout_accuracy, len(settings.classes),
+                                     combined=checks["combined"].to_numpy(bool))
+    remedies = []
+    if reliability.unreliable.any():  # the check count costs a bisection per vendor: only when it is said
+        needed = checks_for_target(issues, plans, vendors, rates.rate, HAND_CHECK_HALFWIDTH)
+        remedies = what_would_help(champion.get("backbone", ""), int(needed[reliability.unreliable].max()))
+    scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates, checks=checks,
+                                reliability=reliability, remedies=remedies)
     scorecard = checks_last(scorecard.assign(
         cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
         dataset_version=dataset_version, model_version=champion["model_version"])).assign(
@@ -64,7 +73,8 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         images=load_issue_images(audit_home.curated, likely_errors(issues)),
         quarantined=read_quarantine(audit_home.quarantine), quarantine_warn_share=settings.quarantine_warn_share,
         n_boot=rates.bootstrap.shape[0],
-        annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None, hand_checks=checks)
+        annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None, hand_checks=checks,
+        reliability=reliability, remedies=remedies)
     write_report(reports, report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
     dvc.commit_stage()  # the home's pipeline (ingest, audit) as it stands now

@@ -14,6 +14,7 @@ from ml.delivery import (
     Delivery, arrival_order, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key,
 )
 from ml.files import atomic_write_bytes, atomic_write_csv
+from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import (
     batch_scores_path, champion_outputs, load_ensemble, load_image_ids, load_outputs, save_batch_scores, score_new_delivery,
@@ -87,8 +88,9 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
                          f"{', '.join(unscored)} (materialize batch_scores for them)")
     result, issues = run_audit(rows, outputs.probs, outputs.embeddings, settings.classes,
                                n_boot=settings.bootstrap, seed=settings.seed, trained=source == "out-of-fold")
-    for name in np.array(result.vendors)[result.rates.weak_detection]:
-        context.log.warning(f"vendor {name}: error detection is weak for its labels, its rate is uncertain")
+    reliability = assess_reliability(result.rates, result.heldout_accuracy, len(settings.classes))
+    for v in np.flatnonzero(reliability.unreliable):
+        context.log.warning(f"vendor {result.vendors[v]}: its rate is unreliable: {reliability.why(v)}")
     delivered = rows[["vendor", "batch"]].drop_duplicates().itertuples(index=False)
     arrivals = arrival_order([Delivery(v, b, audit_home.landing / v / b) for v, b in delivered],
                              audit_home.curated, audit_home.delivery_state)

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ml.estimate import NoiseModel, VendorRates, fit_noise_model, vendor_error_rates
 from ml.issues import VerdictRules, cleanlab_baseline, counted_as_error, label_verdicts
+from ml.reliability import assess_reliability, heldout_accuracy
 from ml.scorecard import rate_table
 
 ISSUE_COLUMNS = ["image_id", "vendor", "batch", "given_label", "suggested_label", "p_error", "verdict"]
@@ -26,6 +27,7 @@ class AuditResult:
     rates: VendorRates
     baseline_rates: np.ndarray  # (V,) cleanlab's num_label_issues share per vendor, on the same probabilities
     annotators: pd.DataFrame | None = None  # rate_table per (vendor, annotator); None unless a vendor names several
+    heldout_accuracy: float = float("nan")  # the classifier's, on its own held-out folds against the given labels
 
     def to_npz(self) -> bytes:
         buffer = io.BytesIO()
@@ -33,18 +35,21 @@ class AuditResult:
         np.savez(buffer, vendors=np.array(self.vendors), confusion=self.model.confusion,
                  temperature=self.model.temperature, rate=r.rate, low=r.low, high=r.high, bootstrap=r.bootstrap,
                  raw_rate=r.raw, sensitivity=r.sensitivity, false_positive=r.false_positive, n_images=r.n_images,
-                 weak_detection=r.weak_detection, upper_only=r.upper_only, baseline_rates=self.baseline_rates)
+                 weak_detection=r.weak_detection, upper_only=r.upper_only, baseline_rates=self.baseline_rates,
+                 heldout_accuracy=self.heldout_accuracy)
         return buffer.getvalue()
 
 
 @dataclass
 class SavedAudit:
-    """What :meth:`AuditResult.to_npz` keeps: vendors (V,), rates, confusion (V, K, K), baseline rates (V,)."""
+    """What :meth:`AuditResult.to_npz` keeps: vendors (V,), rates, confusion (V, K, K), baseline rates (V,)
+    and the classifier's held-out accuracy (NaN in an audit saved before it was kept)."""
 
     vendors: list[str]
     rates: VendorRates
     confusion: np.ndarray
     baseline_rates: np.ndarray
+    heldout_accuracy: float = float("nan")
 
 
 def load_audit(path: Path) -> SavedAudit:
@@ -52,7 +57,9 @@ def load_audit(path: Path) -> SavedAudit:
         rates = VendorRates(saved["rate"], saved["low"], saved["high"], saved["bootstrap"], saved["raw_rate"],
                             saved["sensitivity"], saved["false_positive"], saved["n_images"],
                             saved["weak_detection"], saved["upper_only"] if "upper_only" in saved.files else None)
-        return SavedAudit([str(v) for v in saved["vendors"]], rates, saved["confusion"], saved["baseline_rates"])
+        accuracy = float(saved["heldout_accuracy"]) if "heldout_accuracy" in saved.files else float("nan")
+        return SavedAudit([str(v) for v in saved["vendors"]], rates, saved["confusion"], saved["baseline_rates"],
+                          accuracy)
 
 
 def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, classes: tuple[str, ...],
@@ -73,7 +80,8 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
     rates = vendor_error_rates(probs, given, vendor, model, counted_as_error(rules), n_boot=n_boot, seed=seed,
                                vendor_names=vendors, draw_keys=keys, trained=trained)
     baseline_rates, baseline_flags = cleanlab_baseline(probs, given, vendor)
-    annotators = annotator_rates(rows, probs, given, verdicts["verdict"], rules, n_boot, seed, keys, trained)
+    accuracy = heldout_accuracy(probs, given, trained)
+    annotators = annotator_rates(rows, probs, given, verdicts["verdict"], rules, n_boot, seed, keys, trained, accuracy)
     names = np.array(classes)
     issues = pd.DataFrame({
         "image_id": rows["image_id"].to_numpy(),
@@ -85,16 +93,17 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
         "verdict": verdicts["verdict"],
         "cleanlab_flag": baseline_flags,
     }, columns=ISSUE_COLUMNS + ["cleanlab_flag"])
-    return AuditResult(vendors, model, verdicts, rates, baseline_rates, annotators), issues
+    return AuditResult(vendors, model, verdicts, rates, baseline_rates, annotators, accuracy), issues
 
 
 def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, verdict: np.ndarray,
                     rules: VerdictRules, n_boot: int, seed: int, keys: np.ndarray,
-                    trained: np.ndarray | None) -> pd.DataFrame | None:
+                    trained: np.ndarray | None, accuracy: float = float("nan")) -> pd.DataFrame | None:
     """Each annotator's error rate within its vendor, by the same estimator with annotators as the
     annotating groups (one confusion matrix per vendor/annotator pair); rows without a name form the
     group ``(unnamed)``. None unless some vendor's rows name more than one annotator: with one group
-    per vendor the table would repeat the scorecard."""
+    per vendor the table would repeat the scorecard. ``accuracy``: the classifier's held-out accuracy,
+    for the reliability of each annotator's rate."""
     if "annotator" not in rows:
         return None
     annotator = rows["annotator"].astype(str).str.strip().replace("", "(unnamed)")
@@ -105,7 +114,7 @@ def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, ve
     group = pd.Series(group_name).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)
     rates = vendor_error_rates(probs, given, group, counted_of=counted_as_error(rules), n_boot=n_boot, seed=seed,
                                vendor_names=groups, draw_keys=keys, trained=trained)
-    table = rate_table(groups, group, verdict, rates)
+    table = rate_table(groups, group, verdict, rates, reliability=assess_reliability(rates, accuracy, probs.shape[1]))
     vendor_and_annotator = table["vendor"].str.split(ANNOTATOR_SEPARATOR, n=1, expand=True)
     table["vendor"] = vendor_and_annotator[0]
     table.insert(1, "annotator", vendor_and_annotator[1])

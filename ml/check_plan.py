@@ -422,13 +422,9 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
     ids = issues["image_id"].astype(str).to_numpy()
     group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
     f = model_error(issues)
-    inclusion, drawn, _ = plan_design(ids, plans)
+    inclusion, drawn, gold = _known_design(issues, plans)
     labels = issues["checked_labels"].fillna("").astype(str).to_numpy() if "checked_labels" in issues \
         else np.full(len(ids), "", dtype=object)
-    source = issues["check_source"].fillna("").astype(str) if "check_source" in issues \
-        else pd.Series([""] * len(ids))
-    gold = source.str.startswith("gold/").to_numpy()
-    inclusion = np.where(gold, 1.0, inclusion)
     answered = labels != ""
     in_design = answered & (drawn | gold)
     error = answered & ~label_in_set(issues["given_label"].astype(str).to_numpy(), labels)
@@ -460,6 +456,28 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
             "checks_to_halve": to_halve,
         })
     return pd.DataFrame(rows, columns=VENDOR_CHECK_COLUMNS)
+
+
+def _known_design(issues: pd.DataFrame, plans: list[Plan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image of ``issues`` (N,): the probability of having been checked so far (a gold image: 1),
+    whether some plan drew it, and whether it is a gold image."""
+    inclusion, drawn, _ = plan_design(issues["image_id"].astype(str).to_numpy(), plans)
+    source = issues["check_source"].fillna("").astype(str) if "check_source" in issues \
+        else pd.Series([""] * len(issues))
+    gold = source.str.startswith("gold/").to_numpy()
+    return np.where(gold, 1.0, inclusion), drawn, gold
+
+
+def checks_for_target(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], rate: np.ndarray,
+                      halfwidth: float) -> np.ndarray:
+    """(V,) per vendor (``vendors`` order), the further checks one more plan needs for an interval
+    expected at +-``halfwidth`` around ``rate`` (V,): what ``vendor-audit plan --halfwidth`` would draw
+    (:func:`ml.check_sampling.checks_for_halfwidth`)."""
+    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
+    f = model_error(issues)
+    known, _, _ = _known_design(issues, plans)
+    return np.array([checks_for_halfwidth(f[group == g], known[group == g], halfwidth, float(rate[g]))
+                     for g in range(len(vendors))], np.int64)
 
 
 def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, rate: float, n_checked: int,

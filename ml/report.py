@@ -17,9 +17,10 @@ import pandas as pd
 from ml.checks import QUARANTINE_KINDS
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
-from ml.wording import count
+from ml.reliability import Reliability, reliability_lines
 from ml.scorecard import UPPER_ONLY_NOTE, format_p_value
 from ml.thumbnails import thumbnail_png
+from ml.wording import count
 
 
 BLANK_BELOW = 0.005  # confusion cells under 0.5% are left blank: noise of the estimate, not a pattern
@@ -843,7 +844,8 @@ def _provenance(provenance: dict) -> list:
 def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.DataFrame, confusion: np.ndarray,
                  vendors: list[str], classes: tuple[str, ...], provenance: dict, images: dict[str, np.ndarray],
                  quarantined: pd.DataFrame, quarantine_warn_share: float, n_boot: int,
-                 annotators: pd.DataFrame | None = None, hand_checks: pd.DataFrame | None = None) -> Report:
+                 annotators: pd.DataFrame | None = None, hand_checks: pd.DataFrame | None = None,
+                 reliability: Reliability | None = None, remedies: list[str] = ()) -> Report:
     """The audit report for a vendor manager, as Markdown and as one self-contained HTML page.
 
     Parameters
@@ -863,6 +865,9 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
         error_rate_low, error_rate_high, status).
     hand_checks : optional per-vendor hand checks (:data:`ml.check_plan.VENDOR_CHECK_COLUMNS`): a "Hand
         checks" section after the pairwise comparisons.
+    reliability : optional verdict on the rates, per vendor of ``vendors``; where some rate is
+        unreliable, the report's first lines say so, why, and what would help (``remedies``,
+        :func:`ml.reliability.what_would_help`).
 
     Returns
     -------
@@ -877,6 +882,9 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     blocks = [Heading(1, "Vendor audit"),
               _para(f"{count(n_images, 'image')} from {count(len(card), 'vendor')}"
                     + (f", report of {provenance['generated_at']}" if provenance.get("generated_at") else "") + ".")]
+    warning = reliability_lines(reliability, vendors, list(remedies)) if reliability is not None else []
+    if warning:  # before any figure: the reader must not take an unreliable rate at face value
+        blocks.append(_para(Strong(warning[0]), " " + " ".join(warning[1:])))
     blocks += _summary(card, comps, intake[intake["share"] > quarantine_warn_share], duplicates, n_boot, hand_checks)
     blocks += _vendor_table(card)
     blocks += _pairwise(comps)

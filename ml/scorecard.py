@@ -16,6 +16,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from ml.estimate import MIN_IMAGES_TO_RATE, VendorRates, exact_binomial_interval
+from ml.reliability import Reliability, assess_reliability, unreliable_note, what_would_help
 
 SCORECARD_COLUMNS = ["vendor", "n_images", "n_flagged", "n_ambiguous", "error_rate", "error_rate_low",
                      "error_rate_high", "rank"]
@@ -57,10 +58,15 @@ def combined_rates(names: list[str], rates: VendorRates,
 
 
 def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: VendorRates,
-               min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None) -> pd.DataFrame:
+               min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None,
+               reliability: Reliability | None = None, remedies: list[str] | None = None) -> pd.DataFrame:
     """One row per group (vendor, or vendor/annotator) in ``names`` order: SCORECARD_COLUMNS, then
     ``status``, ``note`` and ``ambiguous_rate``. ``group`` (N,) indexes ``names``; ``verdict`` (N,) str.
     ``rank`` (1 = fewest errors) is given to rated groups only; ``error_rate`` counts clear errors.
+
+    ``reliability`` (default: from the detection slope of ``rates`` alone) and ``remedies``
+    (:func:`ml.reliability.what_would_help`) give each group whose model-based rate is unreliable its
+    note: that, why, and what would help.
 
     With ``checks`` (per vendor, :func:`ml.check_plan.vendor_checks`), SCORECARD_CHECK_COLUMNS follow:
     ``error_rate*`` are then the combined estimate where the vendor's checks are combined, the model's
@@ -70,13 +76,15 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
     rated = n_images >= min_images
     rate, low, high, combined = combined_rates(names, rates, checks)
     frame = _checks_by_group(names, checks) if checks is not None else None
+    reliability = assess_reliability(rates, float("nan"), 0) if reliability is None else reliability
+    remedies = what_would_help("", None) if remedies is None else remedies
     notes = []
     for v in range(n):
         note = []
         if not rated[v]:
             note.append(f"too few images to rate ({n_images[v]} < {min_images}): no rank, no comparison")
-        if rates.weak_detection[v] and not combined[v]:
-            note.append("error detection is weak for these labels: the rate is uncertain")
+        if reliability.unreliable[v] and not combined[v]:  # a rate combined with hand checks holds whatever the model
+            note.append(unreliable_note(reliability, v, remedies))
         if rates.upper_only[v] and not combined[v]:
             note.append(UPPER_ONLY_NOTE)
         if frame is not None and frame["n_checked"].iloc[v] and frame["outside_plans"].iloc[v]:
@@ -110,9 +118,10 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
 
 
 def build_scorecard(vendors: list[str], vendor: np.ndarray, verdict: np.ndarray, rates: VendorRates,
-                    min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None) -> pd.DataFrame:
+                    min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None,
+                    reliability: Reliability | None = None, remedies: list[str] | None = None) -> pd.DataFrame:
     """The scorecard: :func:`rate_table` per vendor, rated vendors by rank first, then the others."""
-    card = rate_table(vendors, vendor, verdict, rates, min_images, checks)
+    card = rate_table(vendors, vendor, verdict, rates, min_images, checks, reliability, remedies)
     order = card.assign(_unrated=card["rank"].isna()).sort_values(["_unrated", "rank", "vendor"]).index
     return card.loc[order].reset_index(drop=True)
 

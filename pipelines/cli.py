@@ -289,7 +289,13 @@ def _without_stack_trace(record: logging.LogRecord) -> bool:
 def format_summary(summary: RunSummary, hand_checks: list[str] = ()) -> list[str]:
     """The run's summary as plain lines, printed after the scorecard; ``hand_checks``: lines about the
     answers read (:func:`hand_check_lines`)."""
+    from ml.reliability import UNRELIABLE
+
     lines = ["summary:"]
+    unreliable = sorted(v for v, note in summary.vendor_warnings.items() if UNRELIABLE in note)
+    if unreliable:  # first: every figure above rests on it
+        lines.append(f"  the error rates of {', '.join(unreliable)} are UNRELIABLE: the classifier cannot measure them "
+                     "well (why, and what would help: warnings below, and the report's first lines)")
     if summary.outcomes:
         lines.append(f"  deliveries read in this run: {len(summary.outcomes)} ({len(summary.ingested)} ingested, "
                      f"{len(summary.rejected)} rejected whole)")

@@ -144,7 +144,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def champion(self) -> dict | None:
         """The registered version with the alias ``champion``: model_version, dataset_version, head,
-        run_id; None when no model has been registered yet."""
+        run_id, backbone (empty for a version registered before it was tagged); None when no model has
+        been registered yet."""
         mlflow = self.start()
         from mlflow.exceptions import MlflowException
 
@@ -155,7 +156,7 @@ class MlflowTracking(dg.ConfigurableResource):
                 return None
             raise
         return {"model_version": str(version.version), "dataset_version": version.tags["dataset_version"],
-                "head": version.tags["head"], "run_id": version.run_id}
+                "head": version.tags["head"], "run_id": version.run_id, "backbone": version.tags.get("backbone", "")}
 
     def promote(self, model_version: str) -> None:
         self.start().MlflowClient().set_registered_model_alias(self.registered_model, CHAMPION, model_version)

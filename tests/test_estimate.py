@@ -10,8 +10,9 @@ from ml.issues import cleanlab_baseline, outlier_scores
 from ml.scorecard import COMPARISON_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors
 
 
-def synthetic(rates, n_per_vendor=1500, k=10, seed=0):
-    """A calibrated classifier (about 85% accurate) and vendors with uniform label noise.
+def synthetic(rates, n_per_vendor=1500, k=10, seed=0, strength=4.5):
+    """A calibrated classifier (about 85% accurate; less with a lower ``strength``, the mean boost of
+    its favoured class's logit) and vendors with uniform label noise.
 
     The classifier sees the vendors' noisy labels, so its outputs mix in their mean noise.
     """
@@ -20,7 +21,7 @@ def synthetic(rates, n_per_vendor=1500, k=10, seed=0):
     n = len(vendor)
     favoured = rng.integers(0, k, n)
     logits = rng.normal(0, 1.0, (n, k))
-    logits[np.arange(n), favoured] += rng.normal(4.5, 1.5, n)
+    logits[np.arange(n), favoured] += rng.normal(strength, 1.5, n)
     clean = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     # calibrated by construction: the true class is drawn from the classifier's own probabilities
     true = (rng.random((n, 1)) > clean.cumsum(axis=1)).sum(axis=1).clip(max=k - 1)
