@@ -187,6 +187,9 @@ HELP = {
     "classes": "required, in order: the class names delivery labels must use (matched ignoring case)",
     "image_size": "8 to 512 pixels a side; null: the first delivery's shorter side, at most 224",
     "channels": "1 or 3; null: inferred from the first delivery",
+    "min_image_side": f"pixels: an image whose shorter side is smaller is quarantined; auto: image_size / "
+                      f"{MAX_UPSCALE}, at least {MIN_SIDE_FLOOR}",
+    "max_aspect_ratio": ">= 1: an image whose longer side is more than this times its shorter side is quarantined",
     "quarantine_warn_share": "0 to 1: the quarantined share of a delivery above which its check warns",
     "folds": ">= 2: cross-validation folds; each image is scored by a model that never trained on it",
     "epochs": ">= 1: training epochs per fold",

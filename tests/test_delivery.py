@@ -314,11 +314,14 @@ def test_same_content_across_deliveries_is_kept_and_marked_as_a_duplicate(tmp_pa
 
 
 def _landed(landing, vendor: str, batch: str, images: dict, labeled_at: list[str] | None = None) -> Delivery:
-    """A complete delivery of 4x4 grayscale PNGs (name -> pixel value), all labelled cat."""
+    """A complete delivery of 8x8 grayscale PNGs (name -> pixel value, one corner brighter so that no
+    image is blank), all labelled cat."""
     folder = landing / vendor / batch
     folder.mkdir(parents=True)
     for name, value in images.items():
-        Image.fromarray(np.full((4, 4), value, np.uint8)).save(folder / name)
+        pixels = np.full((8, 8), value, np.uint8)
+        pixels[0, 0] = value + 100
+        Image.fromarray(pixels).save(folder / name)
     labels = pd.DataFrame({"image": list(images), "label": "cat"})
     if labeled_at is not None:
         labels["labeled_at"] = labeled_at
@@ -335,9 +338,9 @@ def test_the_first_copy_of_a_repeated_image_is_the_one_ingested_first_whatever_t
     early = [_landed(landing, "c", "batch-001", {"c1.png": 10, "c2.png": 20}),
              _landed(landing, "b", "batch-001", {"b1.png": 30})]
     for delivery in early:
-        write_curated(curated, quarantine, state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+        write_curated(curated, quarantine, state, delivery, ingest_delivery(delivery, CLASSES, 8, 1))
     late = _landed(landing, "a", "batch-002", {"again-c1.png": 10, "again-b1.png": 30, "new.png": 40})
-    write_curated(curated, quarantine, state, late, ingest_delivery(late, CLASSES, 4, 1))
+    write_curated(curated, quarantine, state, late, ingest_delivery(late, CLASSES, 8, 1))
     rows = load_curated_rows(curated)  # in name order: a's copies come first
     arrivals = arrival_order(early + [late], curated, state)
     assert (arrivals["ingested_at"] != "").all() and arrivals["ingested_at"].is_monotonic_increasing
@@ -354,7 +357,7 @@ def test_deliveries_read_at_the_same_time_are_ordered_by_labeled_at_then_by_name
     later = _landed(landing, "a", "b1", {"x.png": 10}, labeled_at=["2025-03-02 09:00"])
     earlier = _landed(landing, "z", "b1", {"x.png": 10}, labeled_at=["2025-03-01T18:00:00Z"])
     for delivery in (later, earlier):
-        write_curated(curated, tmp_path / "quarantine", state, delivery, ingest_delivery(delivery, CLASSES, 4, 1))
+        write_curated(curated, tmp_path / "quarantine", state, delivery, ingest_delivery(delivery, CLASSES, 8, 1))
     assert read_state(state, earlier)["labeled_at"] == "2025-03-01T18:00:00.000000+00:00"
     rows = pd.DataFrame({"image_id": ["a/b1/x.png", "z/b1/x.png", "m/b1/x.png"], "vendor": ["a", "z", "m"],
                          "batch": ["b1", "b1", "b1"], "sha256": ["h", "h", "h"]})

@@ -1,23 +1,19 @@
-"""Dataset history: the home is a git repository with DVC; versions are listed, restored and re-audited;
-the project's top-level dvc.yaml runs the demo's stages."""
+"""Dataset history: the home is a git repository with DVC; versions are listed, restored and re-audited.
+(The project's top-level dvc.yaml, which `make demo` runs, is tested with the README's commands in
+test_readme.py.)"""
 
 import os
-import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
-from conftest import FAST, make_home
-from ml.config import Settings, write_settings
+from conftest import make_home
 from ml.datasets import load_digits_upscaled
 from ml.simulate import simulate_deliveries
 from pipelines.cli import dataset_versions, main
 
-PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 QUICK = dict(epochs=3, heads=("softmax",))  # enough to score; these tests are about versions, not accuracy
 
@@ -100,41 +96,3 @@ def test_two_dataset_versions_are_listed_and_the_first_is_restored_with_its_scor
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert dataset_versions(home)[-1]["added"] == ["d/batch-003"]
     assert "d" in set(pd.read_csv(home / "reports" / "scorecard.csv")["vendor"])
-
-
-def test_make_demo_runs_the_project_pipeline_and_a_later_dvc_repro_has_nothing_to_do(tmp_path):
-    """The project's Makefile, dvc.yaml and params.yaml, copied into a fresh checkout, run on a small digits home."""
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("Makefile", "dvc.yaml", ".dvcignore", ".dvc/config", ".dvc/.gitignore"):
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(PROJECT / name, project / name)
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["demo"].update(dataset="digits", vendors="a=0.0,b=0.2", per_vendor=60)
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    (project / ".gitignore").write_text("/home/\n")  # as in the project: the home is not the project's
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    home = project / params["demo"]["home"]
-    classes = load_digits_upscaled().classes  # quick settings: simulate keeps a settings file it finds
-    write_settings(home, replace(Settings(classes=classes), **{**FAST, **QUICK}))
-
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    # `-o install`: this test's venv is installed already
-    done = subprocess.run(["make", "-o", "install", "demo", f"VENV={BIN.parent}"], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    scorecard = pd.read_csv(home / "reports" / "scorecard.csv")
-    assert list(scorecard["vendor"]) == ["a", "b"]
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"simulate", "audit"}
-    assert lock["stages"]["audit"]["params"]["home/vendor-audit.yaml"]["epochs"] == 3
-    assert "up to date" in _dvc(project, "status")
-    assert '"simulate" -> "audit"' in _dvc(project, "dag", "--dot")
-    # after the demo, `dvc repro` neither simulates again nor retrains
-    audits = _git(home, "log", "--format=%s")
-    again = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout + again.stderr
-    assert _git(home, "log", "--format=%s") == audits
-    # the home it made is a repository with its first dataset version and audit
-    assert [s.split(":")[0].split()[0] for s in _git(home, "log", "--format=%s").splitlines()] == ["audit", "dataset"]
