@@ -102,7 +102,7 @@ def what_would_help(backbone: str, checks_per_vendor: int | None) -> list[str]:
     one already; ``checks_per_vendor`` planned hand checks (None: not known)."""
     remedies = ["more images per vendor"]
     if backbone == SCRATCH_BACKBONE:
-        remedies.append(f"a pretrained backbone (backbone: {PRETRAINED_BACKBONE} in settings.yaml, then "
+        remedies.append(f"a pretrained backbone (backbone: {PRETRAINED_BACKBONE} in vendor-audit.yaml, then "
                         "vendor-audit run --retrain)")
     if checks_per_vendor:
         remedies.append(f"planned hand checks, whose rate holds whatever the model: vendor-audit plan --budget "

@@ -147,3 +147,11 @@ def test_the_printed_scorecard_has_the_contract_columns_and_no_nan_cells(capsys)
 def test_counted_nouns():
     assert [count(1, "vendor"), count(2, "vendor"), count(3, "class"), count(1200, "image")] == \
         ["1 vendor", "2 vendors", "3 classes", "1,200 images"]
+
+
+def test_loading_the_definitions_raises_no_deprecation_warning_of_ours():
+    """What `dg dev`'s code server and every command load: a deprecated call of ours would print a
+    warning at every start-up that the user cannot fix."""
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import pipelines.definitions"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
