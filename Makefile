@@ -35,7 +35,7 @@ else
 endif
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 ui: install
 	$(BIN)/vendor-audit ui --home $(AUDIT_HOME)
