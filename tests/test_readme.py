@@ -128,8 +128,7 @@ def test_a_new_home_and_its_automation_as_the_readme_shows(tmp_path):
     run_lines([on], tmp_path, {"DIR": str(home)})
     states = run_lines([status], tmp_path, {"DIR": str(home)})[0]
     assert "Sensor: delivery_sensor [RUNNING]" in states and "Schedule: nightly_audit [RUNNING]" in states
-    run_lines([off, status], tmp_path, {"DIR": str(home)})
-    states = run_lines([status], tmp_path, {"DIR": str(home)})[0]
+    states = run_lines([off, status], tmp_path, {"DIR": str(home)})[1]
     assert "[RUNNING]" not in states and "Sensor: checks_sensor [STOPPED]" in states
 
 
