@@ -9,10 +9,11 @@ from assets.ingestion import vendor_delivery
 from assets.partitions import deliveries
 from assets.training import cv_models
 from ml.audit import run_audit
-from ml.check_plan import apply_checks, read_answers
+from ml.check_plan import apply_checks, read_answers, read_plans, vendor_checks
 from ml.delivery import (
     Delivery, arrival_order, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key,
 )
+from ml.deliveries import delivery_table
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -68,6 +69,28 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
                                           "trained_on": champion["dataset_version"]})
 
 
+def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, result, issues: pd.DataFrame,
+                    arrivals: pd.DataFrame, n_classes: int) -> pd.DataFrame:
+    """Each delivery's rate (reports/deliveries.csv), combined with the hand checks that fall in it, and
+    as an observation of its ``vendor_delivery`` partition, so that the UI shows each partition's rate."""
+    groups = result.deliveries
+    by_delivery = issues.assign(vendor=issues["vendor"].astype(str) + "/" + issues["batch"].astype(str))
+    checks = vendor_checks(by_delivery, read_plans(audit_home.plans), groups.names, groups.rates.low,
+                           groups.rates.high)
+    delivered_at = {f"{a.vendor}/{a.batch}": a.ingested_at for a in arrivals.itertuples(index=False)}
+    table = delivery_table(groups, issues["verdict"].to_numpy(), dict(zip(result.vendors, result.rates.upper_only)),
+                           result.heldout_accuracy, n_classes, delivered_at, checks)
+    known = set(context.instance.get_dynamic_partitions(deliveries.name))
+    for row in table.itertuples(index=False):
+        key = Delivery(row.vendor, row.delivery, audit_home.landing).key
+        if key in known:
+            context.log_event(dg.AssetObservation(asset_key=vendor_delivery.key, partition=key, metadata={
+                "error_rate": float(row.error_rate), "error_rate_low": float(row.error_rate_low),
+                "error_rate_high": float(row.error_rate_high), "n_images": int(row.n_images),
+                "basis": str(row.basis), "status": str(row.status)}))
+    return table
+
+
 @dg.asset(
     deps=[cv_models, batch_scores, hand_checks],
     group_name="vendor_audit",
@@ -99,6 +122,8 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
     issues = apply_checks(issues, read_answers(audit_home.reports / "hand_checks.csv"))
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
+    per_delivery = _delivery_rates(context, audit_home, result, issues, arrivals, len(settings.classes))
+    atomic_write_csv(audit_home.reports / "deliveries.csv", per_delivery)
     annotators_path = audit_home.reports / "annotators.csv"
     if result.annotators is not None:
         atomic_write_csv(annotators_path, result.annotators)

@@ -28,6 +28,7 @@ class AuditResult:
     baseline_rates: np.ndarray  # (V,) cleanlab's num_label_issues share per vendor, on the same probabilities
     annotators: pd.DataFrame | None = None  # rate_table per (vendor, annotator); None unless a vendor names several
     heldout_accuracy: float = float("nan")  # the classifier's, on its own held-out folds against the given labels
+    deliveries: GroupRates | None = None  # the same estimator per delivery (vendor/batch)
 
     def to_npz(self) -> bytes:
         buffer = io.BytesIO()
@@ -82,6 +83,7 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
     baseline_rates, baseline_flags = cleanlab_baseline(probs, given, vendor)
     accuracy = heldout_accuracy(probs, given, trained)
     annotators = annotator_rates(rows, probs, given, verdicts["verdict"], rules, n_boot, seed, keys, trained, accuracy)
+    deliveries = subgroup_rates(rows, rows["batch"], probs, given, rules, n_boot, seed, keys, trained)
     names = np.array(classes)
     issues = pd.DataFrame({
         "image_id": rows["image_id"].to_numpy(),
@@ -93,7 +95,38 @@ def run_audit(rows: pd.DataFrame, probs: np.ndarray, embeddings: np.ndarray, cla
         "verdict": verdicts["verdict"],
         "cleanlab_flag": baseline_flags,
     }, columns=ISSUE_COLUMNS + ["cleanlab_flag"])
-    return AuditResult(vendors, model, verdicts, rates, baseline_rates, annotators, accuracy), issues
+    return AuditResult(vendors, model, verdicts, rates, baseline_rates, annotators, accuracy, deliveries), issues
+
+
+@dataclass
+class GroupRates:
+    """Rates of groups nested in the vendors (deliveries, annotators): ``names`` (G,) ``vendor/part``,
+    ``group`` (N,) each image's index into ``names``, ``rates`` per group."""
+
+    names: list[str]
+    group: np.ndarray
+    rates: VendorRates
+
+
+def subgroup_rates(rows: pd.DataFrame, part: pd.Series, probs: np.ndarray, given: np.ndarray, rules: VerdictRules,
+                   n_boot: int, seed: int, keys: np.ndarray, trained: np.ndarray | None) -> GroupRates:
+    """The vendor estimator with ``vendor/part`` groups as the annotating groups (one confusion matrix
+    each): ``part`` (N,) names each image's group within its vendor (a batch, an annotator)."""
+    group_name = (rows["vendor"].astype(str) + ANNOTATOR_SEPARATOR + part.astype(str)).to_numpy()
+    names = sorted(set(group_name))
+    group = pd.Series(group_name).map({g: i for i, g in enumerate(names)}).to_numpy(np.int64)
+    rates = vendor_error_rates(probs, given, group, counted_of=counted_as_error(rules), n_boot=n_boot, seed=seed,
+                               vendor_names=names, draw_keys=keys, trained=trained)
+    return GroupRates(names, group, rates)
+
+
+def split_group_names(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``table`` whose ``vendor`` column holds ``vendor/part`` names, with the part moved to ``column``
+    (inserted after ``vendor``)."""
+    vendor_and_part = table["vendor"].str.split(ANNOTATOR_SEPARATOR, n=1, expand=True)
+    table = table.assign(vendor=vendor_and_part[0])
+    table.insert(1, column, vendor_and_part[1])
+    return table
 
 
 def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, verdict: np.ndarray,
@@ -109,13 +142,8 @@ def annotator_rates(rows: pd.DataFrame, probs: np.ndarray, given: np.ndarray, ve
     annotator = rows["annotator"].astype(str).str.strip().replace("", "(unnamed)")
     if not (annotator.groupby(rows["vendor"]).nunique() > 1).any():
         return None
-    group_name = (rows["vendor"].astype(str) + ANNOTATOR_SEPARATOR + annotator).to_numpy()
-    groups = sorted(set(group_name))
-    group = pd.Series(group_name).map({g: i for i, g in enumerate(groups)}).to_numpy(np.int64)
-    rates = vendor_error_rates(probs, given, group, counted_of=counted_as_error(rules), n_boot=n_boot, seed=seed,
-                               vendor_names=groups, draw_keys=keys, trained=trained)
-    table = rate_table(groups, group, verdict, rates, reliability=assess_reliability(rates, accuracy, probs.shape[1]))
-    vendor_and_annotator = table["vendor"].str.split(ANNOTATOR_SEPARATOR, n=1, expand=True)
-    table["vendor"] = vendor_and_annotator[0]
-    table.insert(1, "annotator", vendor_and_annotator[1])
+    groups = subgroup_rates(rows, annotator, probs, given, rules, n_boot, seed, keys, trained)
+    table = rate_table(groups.names, groups.group, verdict, groups.rates,
+                       reliability=assess_reliability(groups.rates, accuracy, probs.shape[1]))
+    table = split_group_names(table, "annotator")
     return table.sort_values(["vendor", "error_rate", "annotator"]).reset_index(drop=True)

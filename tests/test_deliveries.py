@@ -1,0 +1,78 @@
+"""Each delivery's own rate (reports/deliveries.csv): a worse batch is not hidden in its vendor's pool."""
+
+import numpy as np
+import pandas as pd
+
+from ml.audit import run_audit
+from ml.deliveries import DELIVERY_COLUMNS, delivery_table
+from test_estimate import synthetic
+
+CLASSES = tuple(f"c{i}" for i in range(10))
+
+
+def _audit(vendor_names, batches, given, probs):
+    rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(given))], "vendor": vendor_names,
+                         "batch": batches, "label": [CLASSES[g] for g in given]})
+    embeddings = np.random.default_rng(0).normal(size=(len(given), 16))
+    return run_audit(rows, probs, embeddings, CLASSES, n_boot=50)
+
+
+def test_a_worse_delivery_stands_out_from_its_vendors_earlier_ones_and_small_ones_are_not_rated():
+    # vendor v0: batch-1 and batch-2 at 3%, batch-3 at 20%, and a small batch-4; vendor v1 at 8%
+    probs, given, true, vendor = synthetic([0.03, 0.03, 0.2, 0.03, 0.08], n_per_vendor=600)
+    keep = np.ones(len(given), bool)
+    keep[np.flatnonzero(vendor == 3)[:450]] = False  # batch-4 keeps 150 images
+    probs, given, true, vendor = probs[keep], given[keep], true[keep], vendor[keep]
+    names = np.where(vendor == 4, "v1", "v0")
+    batches = np.array(["batch-1", "batch-2", "batch-3", "batch-4", "batch-1"])[vendor]
+    result, issues = _audit(names, batches, given, probs)
+    table = delivery_table(result.deliveries, issues["verdict"].to_numpy(),
+                           dict(zip(result.vendors, result.rates.upper_only)), result.heldout_accuracy, 10,
+                           {"v0/batch-1": "2026-01-01T00:00:00+00:00", "v0/batch-3": "2026-03-01T00:00:00+00:00"})
+    assert list(table.columns[:len(DELIVERY_COLUMNS)]) == DELIVERY_COLUMNS
+    by = table.set_index(["vendor", "delivery"])
+    assert sorted(by.index) == [("v0", "batch-1"), ("v0", "batch-2"), ("v0", "batch-3"), ("v0", "batch-4"),
+                                ("v1", "batch-1")]
+    truth = pd.Series(given != true).groupby([names, batches]).mean()
+    rated = by[by["status"] == "rated"]
+    for key, row in rated.iterrows():  # every rated delivery's interval covers its true rate
+        assert row.error_rate_low <= truth[key] <= row.error_rate_high, (key, truth[key], row.to_dict())
+    assert by.loc[("v0", "batch-3"), "error_rate_low"] > by.loc[("v0", "batch-1"), "error_rate_high"]
+    assert by.loc[("v0", "batch-4"), "status"].startswith("too few images") and by.loc[("v0", "batch-4"), "n_images"] == 150
+    assert (by["basis"] == "model only").all()
+    assert by.loc[("v0", "batch-3"), "delivered_at"] == "2026-03-01T00:00:00+00:00"
+    assert by.loc[("v0", "batch-2"), "delivered_at"] == ""
+
+
+def test_a_lone_vendors_deliveries_are_bounded_from_above_only_as_the_vendor_is():
+    probs, given, true, vendor = synthetic([0.0, 0.05], n_per_vendor=600)
+    names = np.full(len(given), "solo")
+    batches = np.where(vendor == 0, "batch-1", "batch-2")
+    result, issues = _audit(names, batches, given, probs)
+    assert result.rates.upper_only.tolist() == [True]
+    table = delivery_table(result.deliveries, issues["verdict"].to_numpy(),
+                           dict(zip(result.vendors, result.rates.upper_only)), result.heldout_accuracy, 10)
+    assert (table["error_rate_low"] == 0).all()
+
+
+def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited_home):
+    """The session's audited home: one delivery per vendor, so each delivery's point estimate is its
+    vendor's (same images, same noise model groups); each partition carries its rate."""
+    import dagster as dg
+
+    from pipelines.cli import open_instance
+
+    table = pd.read_csv(audited_home / "reports" / "deliveries.csv", keep_default_na=False)
+    card = pd.read_csv(audited_home / "reports" / "scorecard.csv").set_index("vendor")
+    assert list(table.columns[:len(DELIVERY_COLUMNS)]) == DELIVERY_COLUMNS
+    assert list(table["vendor"]) == ["a", "b", "c"] and (table["delivery"] == "batch-001").all()
+    np.testing.assert_allclose(table["error_rate"], card.loc[table["vendor"], "error_rate"], atol=1e-4)
+    assert (table["delivered_at"] != "").all() and (table["basis"] == "model only").all()
+    instance = open_instance(audited_home)
+    observed = instance.fetch_observations(dg.AssetKey("vendor_delivery"), limit=50).records
+    latest = {}
+    for record in sorted(observed, key=lambda r: r.timestamp):
+        observation = record.asset_observation
+        latest[observation.partition] = observation.metadata
+    assert set(latest) == {"a.batch-001", "b.batch-001", "c.batch-001"}
+    assert latest["c.batch-001"]["error_rate"].value == table.set_index("vendor").loc["c", "error_rate"]
