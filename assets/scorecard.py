@@ -10,10 +10,14 @@ import pandas as pd
 from assets.scoring import _require_champion, _table, label_issues
 from ml.audit import load_audit
 from ml.check_plan import checks_for_target, read_answers_state, read_plans, vendor_checks, write_answers_state
+from ml.contract import (
+    BREACH, UNDECIDED, WITHIN, unknown_override_vendors, vendor_limits, vendors_by_verdict, verdict_lines,
+    with_contract,
+)
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import HAND_CHECK_HALFWIDTH, assess_reliability, what_would_help
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
-from ml.scorecard import build_scorecard, checks_last, compare_vendors
+from ml.scorecard import build_scorecard, checks_last, compare_vendors, read_scorecard
 from ml.wording import count
 from pipelines.locks import DVC_POOL
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -28,7 +32,8 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     # scorecard_automation sensor is on; no job or sensor has to name it
     automation_condition=dg.AutomationCondition.eager(),
     description="One row per vendor: error rate with a 95% interval (combined with the hand checks where a vendor "
-                "has them), flagged and ambiguous counts, rank, hand-check and gold columns; "
+                "has them), flagged and ambiguous counts, rank, hand-check and gold columns, the verdict against "
+                "the contract (pay, warn or drop); "
                 "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
                 "self-contained report.html).",
 )
@@ -57,6 +62,12 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
         dataset_version=dataset_version, model_version=champion["model_version"])).assign(
         checks_version=checks_version)
+    overrides = settings.contract_overrides
+    scorecard = with_contract(scorecard, vendor_limits(vendors, settings.contract_max_error_rate, overrides),
+                              issues, plans)
+    for name in unknown_override_vendors(vendors, overrides):
+        context.log.warning(f"contract_overrides names vendor {name!r}, which has delivered nothing: a misspelt name "
+                            "leaves the real vendor on contract_max_error_rate")
     comparisons = compare_vendors(vendors, rates, checks=checks)
     reports = audit_home.reports
     atomic_write_csv(reports / "scorecard.csv", scorecard)
@@ -94,3 +105,25 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         "report": dg.MetadataValue.md(report.markdown),
         **provenance,
     })
+
+
+@dg.asset_check(asset=vendor_scorecard, description="No vendor breaches its contract (contract_max_error_rate, "
+                "contract_overrides) and none is undecided: WARN while some are undecided, ERROR when some "
+                "breach; passes when no contract is set.")
+def within_contract(audit_home: AuditHome) -> dg.AssetCheckResult:
+    scorecard = read_scorecard(audit_home.reports / "scorecard.csv")
+    by_verdict = vendors_by_verdict(scorecard)
+    if not any(by_verdict.values()):
+        return dg.AssetCheckResult(passed=True, description="no contract set (contract_max_error_rate, "
+                                                            "contract_overrides)")
+    breach, undecided = by_verdict[BREACH], by_verdict[UNDECIDED]
+    said = ([f"{', '.join(breach)} in breach of the contract (drop)"] if breach else []) + \
+        ([f"{', '.join(undecided)} undecided (warn)"] if undecided else [])
+    return dg.AssetCheckResult(
+        passed=not (breach or undecided),
+        severity=dg.AssetCheckSeverity.ERROR if breach else dg.AssetCheckSeverity.WARN,
+        description="; ".join(said) or "every vendor within its contract (pay)",
+        metadata={"breach": breach, "undecided": undecided, "within": by_verdict[WITHIN],
+                  "verdicts": dg.MetadataValue.md("\n".join(f"- **{head}** — {text}"
+                                                            for head, text in verdict_lines(scorecard)))},
+    )

@@ -480,6 +480,49 @@ def checks_for_target(issues: pd.DataFrame, plans: list[Plan], vendors: list[str
                      for g in range(len(vendors))], np.int64)
 
 
+def on_the_point(rate: float, point: float) -> bool:
+    """Whether ``rate`` is ``point`` at the scorecard's resolution (4 decimals of a fraction): no number of
+    checks would move its interval off the point."""
+    return round(abs(point - rate), 4) == 0
+
+
+def checks_to_exclude(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], rate: np.ndarray,
+                      low: np.ndarray, high: np.ndarray, point: np.ndarray) -> np.ndarray:
+    """(V,) per vendor (``vendors`` order), the further checks one more plan needs for its interval to be
+    expected to leave out ``point`` (V,), e.g. a contract's limit; NaN where ``point`` is NaN.
+
+    Parameters
+    ----------
+    issues : label_issues rows (image_id, vendor, p_error, verdict [, model_verdict, check_source]).
+    plans : the recorded plans.
+    rate, low, high : (V,) each vendor's current rate and 95% interval (the scorecard's).
+    point : (V,) the value to leave out, at a distance ``d = |point - rate|`` from the rate.
+
+    The planner (:func:`ml.check_sampling.checks_for_halfwidth`) sizes the plan whose expected
+    half-width is ``d``, measured as :func:`_checks_to_halve` measures (on the interval expected from the
+    model, the same yardstick before and after): the expected half-width now, times ``d`` over the
+    distance from the rate to the current interval's end on the point's side. At least 1 (the interval
+    reaches the point now), at most the vendor's image count. A point on the rate (``d`` 0 at the
+    scorecard's 4 decimals) is left out by no number of checks: NaN.
+    """
+    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
+    f = model_error(issues)
+    known, _, _ = _known_design(issues, plans)
+    needed = np.full(len(vendors), np.nan)
+    for g in range(len(vendors)):
+        if not math.isfinite(point[g]) or on_the_point(float(rate[g]), float(point[g])):
+            continue
+        distance = abs(float(point[g]) - float(rate[g]))
+        members = group == g
+        side = float(high[g] - rate[g]) if point[g] > rate[g] else float(rate[g] - low[g])
+        expected_low, expected_high = expected_interval(f[members], known[members], float(rate[g]))
+        now = (expected_high - expected_low) / 2 if math.isfinite(expected_low) else side
+        target = now * distance / side if side > 0 else distance
+        checks = checks_for_halfwidth(f[members], known[members], target, float(rate[g]), level=LEVEL)
+        needed[g] = min(max(checks, 1), int(members.sum()))
+    return needed
+
+
 def _checks_to_halve(f: np.ndarray, inclusion: np.ndarray, halfwidth: float, rate: float, n_checked: int,
                      errors_found: int) -> int:
     """Further checks (one more plan over these images (N,)) expected to halve the interval.

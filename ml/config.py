@@ -13,6 +13,7 @@ import yaml
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic.dataclasses import dataclass
 
+from ml.delivery import NAME_RE, NAME_RULE
 from ml.files import atomic_write_text
 from ml.images import AUTO, DEFAULT_MAX_ASPECT_RATIO, MAX_UPSCALE, MIN_SIDE_FLOOR, ImageLimits, image_limits
 
@@ -32,6 +33,7 @@ class ConfigError(ValueError):
 # not coerced; an int is accepted where a float is expected.
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
+ErrorRateLimit = Annotated[StrictFloat, Field(gt=0, lt=1)]  # a contract's highest error rate, a fraction
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -61,6 +63,8 @@ class Settings:
     backbone: Annotated[str, Strict()] = "auto"  # small_cnn, efficientnet_lite0, a torchvision model, or auto
     weights: Annotated[str, Strict()] = "auto"   # auto, none, a torchvision weights name, or a state dict's path
     training: Annotated[str, Strict()] = "auto"  # probe, finetune, or auto (finetune on a GPU, probe on a CPU)
+    contract_max_error_rate: ErrorRateLimit | None = None  # null: no contract (ml.contract)
+    contract_overrides: dict[str, ErrorRateLimit] = Field(default_factory=dict)  # vendor -> its own limit
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -131,6 +135,23 @@ class Settings:
                              "or a pretrained backbone such as efficientnet_lite0)")
         return value
 
+    @field_validator("contract_overrides", mode="before")
+    @classmethod
+    def _check_contract_overrides(cls, value):
+        # checked here, not by the type, so that the message names the vendor and what is wrong with it
+        if not isinstance(value, dict):
+            raise ValueError(f"must be {RULES['contract_overrides']}")
+        for vendor, limit in value.items():
+            if not isinstance(vendor, str):
+                raise ValueError(f"names vendor {vendor!r}, which YAML does not read as text: quote it, e.g. "
+                                 f"{{'{vendor}': 0.05}}")
+            if not NAME_RE.match(vendor):
+                raise ValueError(f"names vendor {vendor!r}, which cannot be a vendor: {NAME_RULE}")
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0 < limit < 1:
+                raise ValueError(f"gives vendor {vendor!r} the limit {limit!r}: a limit must be a number between 0 "
+                                 f"and 1 (both excluded), e.g. 0.05 for 5%{_number_hint(limit)}")
+        return value
+
     @field_validator("channels")
     @classmethod
     def _check_channels(cls, value):
@@ -181,6 +202,9 @@ RULES = {
     "backbone": "auto, small_cnn, efficientnet_lite0 or a torchvision classification model name (resnet50, ...)",
     "weights": "auto, none, a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or the path of a state dict",
     "training": "probe, finetune or auto (finetune on a GPU, probe on a CPU)",
+    "contract_max_error_rate": "null (no contract), or a number between 0 and 1 (exclusive), e.g. 0.05 for 5%",
+    "contract_overrides": "a mapping of vendor names to numbers between 0 and 1 (exclusive), e.g. {acme: 0.05}; {} "
+                          "for none",
 }
 # What each setting means, for the comments of a written settings file (README: Settings).
 HELP = {
@@ -206,6 +230,9 @@ HELP = {
     "weights": "auto (the backbone's pretrained weights), none, a torchvision weights name (DEFAULT, ...) or the "
                "path of a state dict",
     "training": "probe (frozen features, a head per fold), finetune, or auto (finetune on a GPU, probe on a CPU)",
+    "contract_max_error_rate": "0 to 1 (exclusive): the contract's highest error rate; a vendor's 95% interval above "
+                               "it: drop, below it: pay, around it: warn; null: no contract",
+    "contract_overrides": "{vendor: rate, ...}: a vendor's own limit, in place of contract_max_error_rate; {}: none",
 }
 SETTINGS_HEADER = ("# vendor-audit settings, checked strictly before every run: an unknown name or a value of the "
                    "wrong type stops it\n# with a message naming the setting. The README's section Settings "

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from ml.checks import QUARANTINE_KINDS
+from ml.contract import verdict_lines
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.reliability import Reliability, reliability_lines
 from ml.scorecard import UPPER_ONLY_NOTE, format_p_value
 from ml.thumbnails import thumbnail_png
-from ml.wording import count
+from ml.wording import count, is_finite_number as _finite, percent, percent_interval
 
 
 BLANK_BELOW = 0.005  # confusion cells under 0.5% are left blank: noise of the estimate, not a pattern
@@ -296,27 +296,6 @@ def to_html(blocks: list, title: str = "Vendor audit") -> str:
 
 
 # ---- formatting ---------------------------------------------------------------------------------------
-
-
-def _finite(value) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def percent(value) -> str:
-    """A fraction as a percentage with one decimal ("4.9%"); "n/a" when missing."""
-    return f"{100 * float(value):.1f}%" if _finite(value) else "n/a"
-
-
-def percent_interval(rate, low, high) -> str:
-    """"4.9% (3.2-6.8%)": a rate and its 95% interval, fractions in."""
-    if not _finite(rate):
-        return "n/a"
-    if not (_finite(low) and _finite(high)):
-        return percent(rate)
-    return f"{100 * float(rate):.1f}% ({100 * float(low):.1f}-{100 * float(high):.1f}%)"
 
 
 def points(value) -> str:
@@ -869,6 +848,9 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
         unreliable, the report's first lines say so, why, and what would help (``remedies``,
         :func:`ml.reliability.what_would_help`).
 
+    Where the scorecard has the contract's columns (:func:`ml.contract.with_contract`) and some vendor
+    a limit, the report's first lines give each such vendor's action (pay, warn, drop) and why.
+
     Returns
     -------
     Report: the Markdown, the HTML, and the PNG files (plots/, thumbs/) the Markdown links to.
@@ -882,6 +864,10 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     blocks = [Heading(1, "Vendor audit"),
               _para(f"{count(n_images, 'image')} from {count(len(card), 'vendor')}"
                     + (f", report of {provenance['generated_at']}" if provenance.get("generated_at") else "") + ".")]
+    # what the buyer acts on first: pay, warn or drop per vendor, where a contract is set
+    contract = verdict_lines(scorecard)
+    if contract:
+        blocks.append(Bullets(tuple((Strong(head), f" — {text}") for head, text in contract)))
     warning = reliability_lines(reliability, vendors, list(remedies)) if reliability is not None else []
     if warning:  # before any figure: the reader must not take an unreliable rate at face value
         blocks.append(_para(Strong(warning[0]), " " + " ".join(warning[1:])))

@@ -11,6 +11,8 @@ interval; the model-only figures stay in ``model_error_rate*``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from scipy.stats import norm
@@ -124,6 +126,12 @@ def build_scorecard(vendors: list[str], vendor: np.ndarray, verdict: np.ndarray,
     card = rate_table(vendors, vendor, verdict, rates, min_images, checks, reliability, remedies)
     order = card.assign(_unrated=card["rank"].isna()).sort_values(["_unrated", "rank", "vendor"]).index
     return card.loc[order].reset_index(drop=True)
+
+
+def read_scorecard(path: Path) -> pd.DataFrame:
+    """``reports/scorecard.csv`` as written: vendor names kept as text (a vendor may be named NA or
+    null), only empty cells missing."""
+    return pd.read_csv(path, dtype={"vendor": str}, keep_default_na=False, na_values=[""])
 
 
 def checks_last(card: pd.DataFrame) -> pd.DataFrame:

@@ -1,4 +1,7 @@
-"""Counted nouns for messages and reports: "1 vendor", "2 vendors", "3 classes"."""
+"""Words for messages and reports: counted nouns ("1 vendor", "3 classes") and percentages ("4.9%",
+"4.9% (3.2-6.8%)")."""
+
+import math
 
 
 def count(n: int, noun: str) -> str:
@@ -8,3 +11,25 @@ def count(n: int, noun: str) -> str:
         return f"{n:,} {noun}"
     plural = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{n:,} {plural}"
+
+
+def is_finite_number(value) -> bool:
+    """Whether ``value`` reads as a finite number (not None, NaN, pandas' NA or text)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal ("4.9%"); "n/a" when missing."""
+    return f"{100 * float(value):.1f}%" if is_finite_number(value) else "n/a"
+
+
+def percent_interval(rate, low, high) -> str:
+    """"4.9% (3.2-6.8%)": a rate and its 95% interval, fractions in."""
+    if not is_finite_number(rate):
+        return "n/a"
+    if not (is_finite_number(low) and is_finite_number(high)):
+        return percent(rate)
+    return f"{100 * float(rate):.1f}% ({100 * float(low):.1f}-{100 * float(high):.1f}%)"

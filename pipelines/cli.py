@@ -210,9 +210,23 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
     elif answers_changed(audit_home):
         log.info("hand checks changed under %s or %s: re-scoring (no retraining)", audit_home.checks, audit_home.gold)
         execute("score_vendors")
+    elif _contract_changed(scorecard_path, settings):
+        log.info("the contract changed in %s: re-scoring (no retraining)", home / CONFIG_NAME)
+        execute("score_vendors")
     else:
         log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
     return AuditRun(pd.read_csv(scorecard_path), summary(keys, changed))
+
+
+def _contract_changed(scorecard_path: Path, settings) -> bool:
+    """Whether the contract's limits in ``settings`` differ from those the scorecard's verdicts were
+    drawn against (a contract set, edited or removed since the last audit)."""
+    from ml.contract import limits_changed, vendor_limits
+    from ml.scorecard import read_scorecard
+
+    scorecard = read_scorecard(scorecard_path)
+    limits = vendor_limits(scorecard["vendor"], settings.contract_max_error_rate, settings.contract_overrides)
+    return limits_changed(scorecard, limits)
 
 
 def _scored_another_version(audit_home, dvc) -> bool:
@@ -286,9 +300,10 @@ def _without_stack_trace(record: logging.LogRecord) -> bool:
     return True
 
 
-def format_summary(summary: RunSummary, hand_checks: list[str] = ()) -> list[str]:
+def format_summary(summary: RunSummary, hand_checks: list[str] = (), contract: list[str] = ()) -> list[str]:
     """The run's summary as plain lines, printed after the scorecard; ``hand_checks``: lines about the
-    answers read (:func:`hand_check_lines`)."""
+    answers read (:func:`hand_check_lines`); ``contract``: the verdicts against the contract
+    (:func:`contract_lines`)."""
     from ml.reliability import UNRELIABLE
 
     lines = ["summary:"]
@@ -325,6 +340,7 @@ def format_summary(summary: RunSummary, hand_checks: list[str] = ()) -> list[str
     if summary.waiting:
         lines.append("  waiting for _READY: " + ", ".join(summary.waiting))
     lines += list(hand_checks)
+    lines += list(contract)
     if summary.input_problems:
         lines.append("  some input had problems (exit status 3)")
     return lines
@@ -349,6 +365,33 @@ def hand_check_lines(home: Path) -> list[str]:
         lines.append(f"    {len(rejected)} rows of {kind}/ quarantined (quarantine/{kind}/); top reasons: "
                      + ", ".join(f"{reason} ({count})" for reason, count in reasons.items()))
     return lines
+
+
+def contract_lines(scorecard: pd.DataFrame, home: Path, breach_status: bool) -> list[str]:
+    """Summary lines about the contract: each vendor's action and why (:func:`ml.contract.verdict_lines`),
+    override names that match no vendor, and the vendors in breach, with exit status 4 when
+    ``breach_status`` (it is the run's status); nothing when no contract is set."""
+    from ml.config import load_settings
+    from ml.contract import BREACH, unknown_override_vendors, vendors_by_verdict, verdict_lines
+
+    verdicts = verdict_lines(scorecard)
+    if not verdicts:
+        return []
+    lines = ["  contract:"] + [f"    {head} — {text}" for head, text in verdicts]
+    unknown = unknown_override_vendors(scorecard["vendor"].astype(str), load_settings(home).contract_overrides)
+    if unknown:
+        lines.append(f"    contract_overrides names {', '.join(unknown)}: no such vendor has delivered (a misspelt "
+                     "name leaves the real vendor on contract_max_error_rate)")
+    breach = vendors_by_verdict(scorecard)[BREACH]
+    if breach:
+        lines.append(f"  {', '.join(breach)} in breach of the contract" + (" (exit status 4)" if breach_status else ""))
+    return lines
+
+
+def run_status(*statuses: int) -> int:
+    """One exit status for several outcomes: 3 (this run's input had problems) before 4 (a vendor in
+    breach): a breach lasts and is reported again at the next run, a problem of this run's input is not."""
+    return 3 if 3 in statuses else max(statuses)
 
 
 def with_truth(scorecard: pd.DataFrame, home: Path) -> pd.DataFrame:
@@ -421,7 +464,7 @@ def _demo(args) -> int:
     _print_plan(args.home, check_plan)
     path = answer_demo_checks(args.home, check_plan.to_check)
     print(f"\nanswered {len(check_plan.to_check)} planned images from the simulated truth: {path}\n")
-    return max(status, _run(args))
+    return run_status(status, _run(args))
 
 
 def make_plan(home: Path, budget: float | None = None, halfwidth: float | None = None):
@@ -503,7 +546,9 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    """Exit status 0: all well; 3: the audit finished but some input had problems."""
+    """Exit status 0: all well; 3: the audit finished but some input had problems; 4: the audit finished
+    and some vendor is in breach of its contract (unless ``--no-breach-status``; 3 comes first)."""
+    from ml.contract import BREACH, vendors_by_verdict
     from ml.delivery import DeliveryError
 
     ingest_only = getattr(args, "ingest_only", False)
@@ -516,7 +561,10 @@ def _run(args) -> int:
         print_scorecard(with_truth(done.scorecard, args.home), wide=getattr(args, "wide", False))
     else:
         print("no scorecard: no delivery is curated yet")
-    print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home))))
+    breach = done.scorecard is not None and bool(vendors_by_verdict(done.scorecard)[BREACH])
+    breach_status = breach and not getattr(args, "no_breach_status", False) and not done.summary.input_problems
+    contract = contract_lines(done.scorecard, args.home, breach_status) if done.scorecard is not None else []
+    print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home), contract)))
     reports = args.home / "reports"
     if done.scorecard is not None:  # last, where the eye lands: the files to open
         print(f"\ntables: {reports} (scorecard.csv, label_issues.csv, comparisons.csv)\n"
@@ -526,7 +574,7 @@ def _run(args) -> int:
     if done.scorecard is None:
         raise DeliveryError(f"{args.home / 'landing'}: nothing to audit: no delivery is curated yet "
                             "(a complete delivery ends with a _READY file)")
-    return 0
+    return 4 if breach_status else 0
 
 
 def dataset_versions(home: Path) -> list[dict]:
@@ -797,7 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="exit status: 0 all well; 1 infrastructure failure (tracking store, DVC, "
                                             "model files, a UI server that stopped on its own); 2 usage, settings "
                                             "or input error that stopped the run (a UI port in use); 3 the audit "
-                                            "finished but some input had problems; 128+N a UI stopped by signal N")
+                                            "finished but some input had problems; 4 the audit finished and some "
+                                            "vendor is in breach of its contract (run; 3 comes first; not with "
+                                            "--no-breach-status); 128+N a UI stopped by signal N")
     debug_help = "show tracebacks and DEBUG logs"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}",
@@ -850,6 +900,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ingest-only", action="store_true",
                    help="only ingest new deliveries and version the data with DVC, no scoring (the ingest stage "
                         "of the home's dvc.yaml)")
+    p.add_argument("--no-breach-status", action="store_true",
+                   help="a vendor in breach of its contract does not make the exit status 4 (the home's dvc.yaml "
+                        "audit stage: a breach lasts, and would fail every dvc repro)")
     p = add("plan", "draw the next hand-check plan: reports/check_plan.csv and check_plan.md list the images to check")
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--budget", type=float, metavar="N",
@@ -956,7 +1009,8 @@ def _error(args, message: str, status: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 all well; 1 infrastructure failure; 2 usage, settings or input error that stopped
     the run; 3 the audit finished but some input had problems (a delivery rejected whole, a failed check);
-    128 + N a UI server stopped by signal N."""
+    4 the audit finished and some vendor is in breach of its contract (``run``, ``demo``; 3 comes first;
+    not with ``run --no-breach-status``); 128 + N a UI server stopped by signal N."""
     _console_logging("vendor_audit", "pipelines")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -172,8 +172,37 @@ class DvcError(RuntimeError):
 # `ingest` and read by `audit`: `dvc dag` shows one pipeline, curated.dvc feeding the audit. `ingest` is
 # always run (it polls landing/ and the answer files, like the sensors); `audit` re-runs only when the
 # data or the settings changed. Both locks are committed after each audit, so `dvc status` is clean
-# (but for "ingest: always changed").
+# (but for "ingest: always changed"). A vendor in breach of its contract does not fail `audit`
+# (--no-breach-status): the breach lasts, and exit status 4 would fail every `dvc repro`; the summary,
+# the report and the asset check within_contract say it.
 DVC_PIPELINE = """\
+stages:
+  ingest:
+    cmd: vendor-audit run --home . --ingest-only
+    always_changed: true
+    deps:
+      - landing
+    outs:
+      - .state/deliveries:
+          cache: false
+          persist: true
+  audit:
+    cmd: vendor-audit run --home . --no-breach-status
+    deps:
+      - .state/deliveries
+      - curated
+      - checks
+      - gold
+      - vendor-audit.yaml
+    outs:
+      - reports/scorecard.csv:
+          cache: false
+      - reports/label_issues.csv:
+          cache: false
+"""
+PIPELINE_STAGES = ("ingest", "audit")
+# what earlier releases wrote: replaced by DVC_PIPELINE when found unchanged
+_EARLIER_PIPELINES = ("""\
 stages:
   ingest:
     cmd: vendor-audit run --home . --ingest-only
@@ -197,10 +226,7 @@ stages:
           cache: false
       - reports/label_issues.csv:
           cache: false
-"""
-PIPELINE_STAGES = ("ingest", "audit")
-# what earlier releases wrote: replaced by DVC_PIPELINE when found unchanged
-_EARLIER_PIPELINES = ("""\
+""", """\
 stages:
   audit:
     cmd: vendor-audit run --home .

@@ -118,6 +118,11 @@ RANGES = [
      ["[softmax]", "[l2softmax, softmax]", "auto"]),
     ("tracking_uri", ["5", "null", "[a]"], ["''", "http://127.0.0.1:5000"]),
     ("dvc_remote", ["5", "null"], ["''", "/srv/dvc"]),
+    ("contract_max_error_rate", ["0", "1", "-0.1", "1.5", ".nan", "'0.05'", "true", "5%"],
+     ["null", "0.05", "0.000001", "0.999"]),
+    ("contract_overrides", ["null", "[a]", "0.05", "{a: 0}", "{a: 1}", "{a: .nan}", "{a: true}", "{a: '0.05'}",
+                            "{a: null}", "{Acme Corp: 0.1}", "{1: 0.1}", "{'': 0.1}"],
+     ["{}", "{a: 0.05}", "{acme-1_b: 0.5, B: 1.0e-3}"]),
 ]
 
 
@@ -129,6 +134,34 @@ def test_each_range(tmp_path, field, rejected, accepted):
         assert len(message.splitlines()) == 1 and "(got " in message, (value, message)
     for value in accepted:
         _load(tmp_path, f"classes: [cat, dog]\n{field}: {value}\n")
+
+
+def test_contract_settings_are_checked_strictly(tmp_path):
+    """The contract's limits are fractions strictly between 0 and 1; an override names a vendor as its
+    landing folder does, and each message says which vendor and what is wrong."""
+    settings = _load(tmp_path, "classes: [cat, dog]\n")
+    assert (settings.contract_max_error_rate, settings.contract_overrides) == (None, {})  # no contract
+    file = tmp_path / CONFIG_NAME
+    assert _error(tmp_path, "classes: [cat, dog]\ncontract_overrides: {acme: 5}\n") == (
+        f"{file}: 'contract_overrides' gives vendor 'acme' the limit 5: a limit must be a number between 0 and 1 "
+        f"(both excluded), e.g. 0.05 for 5% (got {{'acme': 5}})")
+    assert _error(tmp_path, "classes: [cat, dog]\ncontract_overrides: {b: '0,05'}\n").endswith(
+        "e.g. 0.05 for 5%: that is text, not a number; write 0.05 (a decimal point, not a comma) (got {'b': '0,05'})")
+    assert "names vendor 'Acme Corp', which cannot be a vendor: name may only contain letters, digits, - and _" in \
+        _error(tmp_path, "classes: [cat, dog]\ncontract_overrides: {Acme Corp: 0.1}\n")
+    assert "names vendor 7, which YAML does not read as text: quote it, e.g. {'7': 0.05}" in \
+        _error(tmp_path, "classes: [cat, dog]\ncontract_overrides: {7: 0.1}\n")
+    assert f"{file}: 'contract_max_error_rate' must be null (no contract), or a number between 0 and 1 (exclusive), " \
+           "e.g. 0.05 for 5% (got 5)" == _error(tmp_path, "classes: [cat, dog]\ncontract_max_error_rate: 5\n")
+    # written with a comment per line, the mapping on one line, and read back the same
+    chosen = Settings(classes=("cat", "dog"), contract_max_error_rate=0.1, contract_overrides={"acme": 0.05, "b-2": 0.2})
+    write_settings(tmp_path, chosen)
+    text = file.read_text()
+    assert "\ncontract_max_error_rate: 0.1  # " in text and "\ncontract_overrides: {acme: 0.05, b-2: 0.2}  # " in text
+    assert load_settings(tmp_path) == chosen
+    write_settings(tmp_path, settings)
+    assert "\ncontract_max_error_rate: null  # " in file.read_text() and "\ncontract_overrides: {}  # " in file.read_text()
+    assert load_settings(tmp_path) == settings
 
 
 def test_settings_built_in_code_are_validated_too():

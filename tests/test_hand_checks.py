@@ -17,6 +17,7 @@ from conftest import make_home
 from ml.check_plan import (
     CheckPlanError, Plan, apply_checks, draw_check_plan, read_plans, vendor_checks,
 )
+from ml.contract import CONTRACT_COLUMNS
 from ml.estimate import VendorRates
 from ml.report import build_report
 from ml.scorecard import SCORECARD_CHECK_COLUMNS, SCORECARD_COLUMNS, compare_vendors
@@ -122,7 +123,9 @@ def test_answers_fold_into_the_scorecard_without_retraining(loop):
     card = pd.read_csv(loop.home / "reports" / "scorecard.csv").set_index("vendor")
     columns = list(card.reset_index().columns)
     assert columns[:len(SCORECARD_COLUMNS)] == SCORECARD_COLUMNS
-    assert columns[-len(SCORECARD_CHECK_COLUMNS) - 1:] == SCORECARD_CHECK_COLUMNS + ["checks_version"]
+    # the contract's columns come last, after the hand checks' (README, Outputs)
+    assert columns[-len(SCORECARD_CHECK_COLUMNS) - 1 - len(CONTRACT_COLUMNS):] == \
+        SCORECARD_CHECK_COLUMNS + ["checks_version"] + CONTRACT_COLUMNS
     drawn = loop.to_check.groupby("vendor").size()
     assert card["n_checked"].to_dict() == {"a": drawn["a"], "b": drawn["b"], "c": drawn["c"] + 1}  # + c's gold image
     assert card["checked_errors"]["a"] == 0 and card["checked_errors"]["c"] > 0
