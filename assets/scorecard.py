@@ -14,6 +14,7 @@ from ml.contract import (
     BREACH, UNDECIDED, WITHIN, unknown_override_vendors, vendor_limits, vendors_by_verdict, verdict_lines,
     with_contract,
 )
+from ml.deliveries import with_worsening_notes
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import HAND_CHECK_HALFWIDTH, assess_reliability, what_would_help
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
@@ -58,6 +59,9 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
         remedies = what_would_help(champion.get("backbone", ""), int(needed[reliability.unreliable].max()))
     scorecard = build_scorecard(vendors, vendor_index, issues["verdict"].to_numpy(), rates, checks=checks,
                                 reliability=reliability, remedies=remedies)
+    worsening_path = audit_home.reports / "worsening.csv"
+    if worsening_path.is_file():  # written with the label issues (an audit of an earlier release has none)
+        scorecard = with_worsening_notes(scorecard, pd.read_csv(worsening_path, dtype={"vendor": str}))
     scorecard = checks_last(scorecard.assign(
         cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
         dataset_version=dataset_version, model_version=champion["model_version"])).assign(

@@ -13,7 +13,7 @@ from ml.check_plan import apply_checks, read_answers, read_plans, vendor_checks
 from ml.delivery import (
     Delivery, arrival_order, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key,
 )
-from ml.deliveries import delivery_table
+from ml.deliveries import delivery_table, worsening
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -72,7 +72,8 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
 def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, result, issues: pd.DataFrame,
                     arrivals: pd.DataFrame, n_classes: int) -> pd.DataFrame:
     """Each delivery's rate (reports/deliveries.csv), combined with the hand checks that fall in it, and
-    as an observation of its ``vendor_delivery`` partition, so that the UI shows each partition's rate."""
+    as an observation of its ``vendor_delivery`` partition, so that the UI shows each partition's rate;
+    whether each vendor's newest delivery is worse than its earlier ones (reports/worsening.csv)."""
     groups = result.deliveries
     by_delivery = issues.assign(vendor=issues["vendor"].astype(str) + "/" + issues["batch"].astype(str))
     checks = vendor_checks(by_delivery, read_plans(audit_home.plans), groups.names, groups.rates.low,
@@ -80,6 +81,7 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
     delivered_at = {f"{a.vendor}/{a.batch}": a.ingested_at for a in arrivals.itertuples(index=False)}
     table = delivery_table(groups, issues["verdict"].to_numpy(), dict(zip(result.vendors, result.rates.upper_only)),
                            result.heldout_accuracy, n_classes, delivered_at, checks)
+    atomic_write_csv(audit_home.reports / "worsening.csv", worsening(groups, delivered_at))
     known = set(context.instance.get_dynamic_partitions(deliveries.name))
     for row in table.itertuples(index=False):
         key = Delivery(row.vendor, row.delivery, audit_home.landing).key

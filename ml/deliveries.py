@@ -10,7 +10,8 @@ import pandas as pd
 
 from ml.audit import GroupRates, split_group_names
 from ml.reliability import assess_reliability
-from ml.scorecard import rate_table
+from ml.estimate import MIN_IMAGES_TO_RATE
+from ml.scorecard import holm, rate_table
 
 # reports/deliveries.csv: the contract's columns first
 DELIVERY_COLUMNS = ["vendor", "delivery", "delivered_at", "n_images", "error_rate", "error_rate_low",
@@ -52,3 +53,67 @@ def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_onl
     # ranks compare vendors (the scorecard); deliveries of different vendors are not ranked against each other
     rest = [c for c in table.columns if c not in DELIVERY_COLUMNS and c != "rank"]
     return table[DELIVERY_COLUMNS + rest].sort_values(["vendor", "delivered_at", "delivery"]).reset_index(drop=True)
+
+
+WORSENING_COLUMNS = ["vendor", "newest", "newest_rate", "earlier_rate", "difference", "difference_low",
+                     "difference_high", "p_value", "p_holm", "worse"]
+LEVEL = 0.05  # family-wise, across the vendors tested (Holm), as the vendor comparisons are
+
+
+def worsening(deliveries: GroupRates, delivered_at: dict[str, str],
+              min_images: int = MIN_IMAGES_TO_RATE) -> pd.DataFrame:
+    """Per vendor: is its newest delivery worse than its earlier ones together?
+
+    The newest delivery is the last ingested (``delivered_at`` per ``vendor/batch``, then the name).
+    Its rate is compared with the image-weighted rate of the vendor's earlier deliveries through the
+    estimator's own bootstrap (B, G): every replicate refits the whole noise model, so both rates come
+    from the same draw, and a bias common to the vendor's deliveries cancels in the difference. The
+    one-sided p-value is the share of replicates where the newest is not higher, ``(1 + #) / (B + 1)``;
+    ``p_holm`` adjusts it across the vendors tested; ``worse`` is ``p_holm < LEVEL``. Vendors are tested
+    only when the newest delivery and the earlier ones each have ``min_images``: small samples are
+    not judged, as they are not rated. Returns WORSENING_COLUMNS, one row per vendor tested.
+    """
+    rates = deliveries.rates
+    names = np.array(deliveries.names)
+    vendor_of = np.array([name.split("/", 1)[0] for name in names])
+    rows = []
+    for vendor in sorted(set(vendor_of)):
+        mine = np.flatnonzero(vendor_of == vendor)
+        if len(mine) < 2:
+            continue
+        mine = sorted(mine, key=lambda g: (delivered_at.get(names[g], ""), names[g]))
+        newest, earlier = mine[-1], np.array(mine[:-1])
+        weight = rates.n_images[earlier].astype(float)
+        if rates.n_images[newest] < min_images or weight.sum() < min_images:
+            continue
+        earlier_rate = float(rates.rate[earlier] @ weight / weight.sum())
+        replicates = rates.bootstrap[:, newest] - rates.bootstrap[:, earlier] @ weight / weight.sum()
+        low, high = np.quantile(replicates, [0.025, 0.975])
+        rows.append({"vendor": vendor, "newest": names[newest].split("/", 1)[1],
+                     "newest_rate": float(rates.rate[newest]), "earlier_rate": earlier_rate,
+                     "difference": float(rates.rate[newest]) - earlier_rate, "difference_low": float(low),
+                     "difference_high": float(high),
+                     "p_value": float((1 + (replicates <= 0).sum()) / (len(replicates) + 1))})
+    table = pd.DataFrame(rows, columns=WORSENING_COLUMNS[:-2])
+    table["p_holm"] = holm(table["p_value"].to_numpy()) if len(table) else pd.Series(dtype=float)
+    table["worse"] = table["p_holm"] < LEVEL
+    return table.round({"newest_rate": 4, "earlier_rate": 4, "difference": 4, "difference_low": 4,
+                        "difference_high": 4, "p_value": 4, "p_holm": 4})
+
+
+def worsening_note(row) -> str:
+    """The scorecard note of a vendor whose newest delivery is worse than its earlier ones."""
+    return (f"got worse: its newest delivery {row.newest} reads {100 * row.newest_rate:.1f}% against "
+            f"{100 * row.earlier_rate:.1f}% for its earlier ones, {100 * row.difference:+.1f} points (95% interval "
+            f"{100 * row.difference_low:+.1f} to {100 * row.difference_high:+.1f}; Holm-adjusted p = "
+            f"{row.p_holm:.3f} across the vendors tested)")
+
+
+def with_worsening_notes(scorecard: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``scorecard`` with :func:`worsening_note` added to the ``note`` of each vendor found worse."""
+    notes = {row.vendor: worsening_note(row) for row in table[table["worse"].astype(bool)].itertuples(index=False)}
+    if not notes:
+        return scorecard
+    note = scorecard["note"].fillna("").astype(str)
+    added = scorecard["vendor"].map(notes).fillna("")
+    return scorecard.assign(note=[f"{n}; {a}" if n and a else n or a for n, a in zip(note, added)])

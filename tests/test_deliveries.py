@@ -4,17 +4,17 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import run_audit
-from ml.deliveries import DELIVERY_COLUMNS, delivery_table
+from ml.deliveries import DELIVERY_COLUMNS, delivery_table, with_worsening_notes, worsening
 from test_estimate import synthetic
 
 CLASSES = tuple(f"c{i}" for i in range(10))
 
 
-def _audit(vendor_names, batches, given, probs):
+def _audit(vendor_names, batches, given, probs, n_boot: int = 50):
     rows = pd.DataFrame({"image_id": [f"img{i}" for i in range(len(given))], "vendor": vendor_names,
                          "batch": batches, "label": [CLASSES[g] for g in given]})
     embeddings = np.random.default_rng(0).normal(size=(len(given), 16))
-    return run_audit(rows, probs, embeddings, CLASSES, n_boot=50)
+    return run_audit(rows, probs, embeddings, CLASSES, n_boot=n_boot)
 
 
 def test_a_worse_delivery_stands_out_from_its_vendors_earlier_ones_and_small_ones_are_not_rated():
@@ -76,3 +76,40 @@ def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited
         latest[observation.partition] = observation.metadata
     assert set(latest) == {"a.batch-001", "b.batch-001", "c.batch-001"}
     assert latest["c.batch-001"]["error_rate"].value == table.set_index("vendor").loc["c", "error_rate"]
+
+
+def _vendor_over_deliveries(rates_by_vendor: dict[str, list[float]], per_delivery: int, seed: int):
+    """Synthetic vendors, each delivering batch-1, batch-2, ... at the given rates, with the times the
+    batches arrived (in batch order)."""
+    flat = [rate for rates in rates_by_vendor.values() for rate in rates]
+    probs, given, true, group = synthetic(flat, n_per_vendor=per_delivery, seed=seed)
+    labels = [(vendor, f"batch-{b + 1}") for vendor, rates in rates_by_vendor.items() for b in range(len(rates))]
+    names = np.array([labels[g][0] for g in group])
+    batches = np.array([labels[g][1] for g in group])
+    arrived = {f"{v}/{b}": f"2026-0{int(b.split('-')[1])}-01T00:00:00+00:00" for v, b in labels}
+    return names, batches, given, probs, arrived
+
+
+def test_a_vendor_whose_newest_delivery_got_worse_is_caught_and_an_unchanged_one_is_not():
+    names, batches, given, probs, arrived = _vendor_over_deliveries(
+        {"steady": [0.08] * 5, "slipping": [0.03, 0.03, 0.03, 0.03, 0.15]}, per_delivery=600, seed=1)
+    result, issues = _audit(names, batches, given, probs, n_boot=200)
+    table = worsening(result.deliveries, arrived).set_index("vendor")
+    assert table.loc["slipping", "newest"] == "batch-5" and bool(table.loc["slipping", "worse"])
+    assert table.loc["slipping", "difference_low"] > 0.05
+    assert not bool(table.loc["steady", "worse"])
+    card = pd.DataFrame({"vendor": ["slipping", "steady"], "note": ["", ""]})
+    noted = with_worsening_notes(card, table.reset_index()).set_index("vendor")["note"]
+    assert noted["slipping"].startswith("got worse: its newest delivery batch-5 reads") and noted["steady"] == ""
+
+
+def test_vendors_whose_quality_did_not_change_are_not_called_worse():
+    """Four vendors at 0 / 3 / 8 / 20%, three deliveries each at the same rate, over several seeds. With
+    200 replicates and 4 vendors, Holm's smallest adjusted p is 4/201 = 0.02: a false alarm is possible,
+    so this test can fail."""
+    for seed in range(4):
+        names, batches, given, probs, arrived = _vendor_over_deliveries(
+            {"a": [0.0] * 3, "b": [0.03] * 3, "c": [0.08] * 3, "d": [0.2] * 3}, per_delivery=300, seed=seed)
+        result, _ = _audit(names, batches, given, probs, n_boot=200)
+        table = worsening(result.deliveries, arrived)
+        assert len(table) == 4 and not table["worse"].any(), (seed, table.to_dict("records"))
