@@ -147,7 +147,6 @@ def checked_error_rates(model_error: np.ndarray, checked: np.ndarray, error: np.
     f = np.clip(np.asarray(model_error, float), 0, 1)
     checked = np.asarray(checked, bool) & (np.asarray(inclusion, float) > 0)
     e = np.asarray(error, bool) & checked
-    z = norm.ppf(1 - (1 - level) / 2)
     out = {name: np.zeros(n_groups) for name in ("rate", "low", "high", "checks_rate", "checks_low",
                                                  "checks_high", "n_checked", "checked_errors", "weight")}
     for g in range(n_groups):

@@ -528,7 +528,7 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
     for row in duplicates.itertuples(index=False):
         same = row.vendor == row.first_vendor
         findings.append((Strong(row.vendor), f" delivered {count(row.n_images, 'image')} that "
-                         + (f"it had already delivered in another batch." if same
+                         + ("it had already delivered in another batch." if same
                             else f"{row.first_vendor} had already delivered.")))
         actions.append((f"Ask {row.vendor} about the {count(row.n_images, 'repeated image')} and make sure "
                         f"they are not paid for twice.",))

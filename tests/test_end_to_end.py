@@ -8,7 +8,6 @@ import sys
 import dagster as dg
 import mlflow
 import pandas as pd
-import pytest
 
 from ml.audit import ISSUE_COLUMNS
 from ml.scorecard import SCORECARD_COLUMNS
