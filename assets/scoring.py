@@ -84,7 +84,7 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
     atomic_write_csv(audit_home.reports / "worsening.csv", worsening(groups, delivered_at))
     known = set(context.instance.get_dynamic_partitions(deliveries.name))
     for row in table.itertuples(index=False):
-        key = Delivery(row.vendor, row.delivery, audit_home.landing).key
+        key = Delivery(row.vendor, row.delivery, audit_home.landing / row.vendor / row.delivery).key
         if key in known:
             context.log_event(dg.AssetObservation(asset_key=vendor_delivery.key, partition=key, metadata={
                 "error_rate": float(row.error_rate), "error_rate_low": float(row.error_rate_low),

@@ -419,12 +419,9 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
     only, not in the rate); ``awaiting_answers``: drawn, not answered; ``outside_plans``: images in no
     plan and not gold; ``checks_to_halve``: further checks expected to halve the current interval.
     """
-    ids = issues["image_id"].astype(str).to_numpy()
-    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
-    f = model_error(issues)
-    inclusion, drawn, gold = _known_design(issues, plans)
+    group, f, inclusion, drawn, gold = _vendor_design(issues, plans, vendors)
     labels = issues["checked_labels"].fillna("").astype(str).to_numpy() if "checked_labels" in issues \
-        else np.full(len(ids), "", dtype=object)
+        else np.full(len(issues), "", dtype=object)
     answered = labels != ""
     in_design = answered & (drawn | gold)
     error = answered & ~label_in_set(issues["given_label"].astype(str).to_numpy(), labels)
@@ -458,14 +455,16 @@ def vendor_checks(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], m
     return pd.DataFrame(rows, columns=VENDOR_CHECK_COLUMNS)
 
 
-def _known_design(issues: pd.DataFrame, plans: list[Plan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per image of ``issues`` (N,): the probability of having been checked so far (a gold image: 1),
-    whether some plan drew it, and whether it is a gold image."""
+def _vendor_design(issues: pd.DataFrame, plans: list[Plan], vendors: list[str]) -> tuple[np.ndarray, ...]:
+    """Per image of ``issues`` (N,): its vendor's index in ``vendors``, the model's probability of error
+    (:func:`model_error`), the probability of having been checked so far (a gold image: 1), whether
+    some plan drew it, and whether it is a gold image."""
+    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
     inclusion, drawn, _ = plan_design(issues["image_id"].astype(str).to_numpy(), plans)
     source = issues["check_source"].fillna("").astype(str) if "check_source" in issues \
         else pd.Series([""] * len(issues))
     gold = source.str.startswith("gold/").to_numpy()
-    return np.where(gold, 1.0, inclusion), drawn, gold
+    return group, model_error(issues), np.where(gold, 1.0, inclusion), drawn, gold
 
 
 def checks_for_target(issues: pd.DataFrame, plans: list[Plan], vendors: list[str], rate: np.ndarray,
@@ -473,9 +472,7 @@ def checks_for_target(issues: pd.DataFrame, plans: list[Plan], vendors: list[str
     """(V,) per vendor (``vendors`` order), the further checks one more plan needs for an interval
     expected at +-``halfwidth`` around ``rate`` (V,): what ``vendor-audit plan --halfwidth`` would draw
     (:func:`ml.check_sampling.checks_for_halfwidth`)."""
-    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
-    f = model_error(issues)
-    known, _, _ = _known_design(issues, plans)
+    group, f, known, _, _ = _vendor_design(issues, plans, vendors)
     return np.array([checks_for_halfwidth(f[group == g], known[group == g], halfwidth, float(rate[g]))
                      for g in range(len(vendors))], np.int64)
 
@@ -505,9 +502,7 @@ def checks_to_exclude(issues: pd.DataFrame, plans: list[Plan], vendors: list[str
     reaches the point now), at most the vendor's image count. A point on the rate (``d`` 0 at the
     scorecard's 4 decimals) is left out by no number of checks: NaN.
     """
-    group = issues["vendor"].astype(str).map({v: g for g, v in enumerate(vendors)}).to_numpy(np.int64)
-    f = model_error(issues)
-    known, _, _ = _known_design(issues, plans)
+    group, f, known, _, _ = _vendor_design(issues, plans, vendors)
     needed = np.full(len(vendors), np.nan)
     for g in range(len(vendors)):
         if not math.isfinite(point[g]) or on_the_point(float(rate[g]), float(point[g])):

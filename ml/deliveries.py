@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import GroupRates, split_group_names
+from ml.contract import CHECKED, MODEL_ONLY
 from ml.reliability import assess_reliability
 from ml.estimate import MIN_IMAGES_TO_RATE
 from ml.scorecard import holm, rate_table
@@ -16,7 +17,6 @@ from ml.scorecard import holm, rate_table
 # reports/deliveries.csv: the contract's columns first
 DELIVERY_COLUMNS = ["vendor", "delivery", "delivered_at", "n_images", "error_rate", "error_rate_low",
                     "error_rate_high", "basis", "status"]
-MODEL_ONLY = "model only"
 
 
 def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_only: dict[str, bool],
@@ -46,7 +46,7 @@ def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_onl
     reliability = assess_reliability(rates, heldout_accuracy, n_classes, combined=combined)
     table = rate_table(deliveries.names, deliveries.group, verdict, rates, checks=checks, reliability=reliability)
     n_checked = checks["n_checked"].to_numpy(int) if checks is not None else np.zeros(len(table), int)
-    basis = [f"checked ({n} checks)" if c else MODEL_ONLY for c, n in zip(combined, n_checked)]
+    basis = [f"{CHECKED} ({n} checks)" if c else MODEL_ONLY for c, n in zip(combined, n_checked)]
     table = table.assign(basis=basis,
                          delivered_at=[(delivered_at or {}).get(name, "") for name in deliveries.names])
     table = split_group_names(table, "delivery")

@@ -58,14 +58,20 @@ def dagster_dev_command(home: Path, port: int, host: str = "127.0.0.1") -> tuple
     dg_cli = Path(sys.executable).with_name("dg")
     launcher = [str(dg_cli)] if dg_cli.is_file() else [sys.executable, "-c", "from dagster_dg_cli.cli import main; main()"]
     command = [*launcher, "dev", "-w", str(WORKSPACE), "-h", host, "-p", str(port)]
-    return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+    return command, dagster_env(home)
 
 
 def dagster_cli_command(home: Path, *words: str) -> tuple[list[str], dict]:
     """The ``dagster`` command line (``dagster sensor start NAME``, ...) on a home's instance and the
     project's workspace.yaml: the environment ``vendor-audit ui`` sets, so both see the same sensors."""
     command = [str(Path(sys.executable).with_name("dagster")), *words, "-w", str(WORKSPACE)]
-    return command, {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
+    return command, dagster_env(home)
+
+
+def dagster_env(home: Path) -> dict:
+    """The variables that point Dagster's command lines at a home: the home the definitions read
+    (``VENDOR_AUDIT_HOME``) and its instance (``DAGSTER_HOME``)."""
+    return {"VENDOR_AUDIT_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
 
 
 class PortUnavailable(ValueError):
