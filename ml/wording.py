@@ -6,9 +6,11 @@ import math
 
 def count(n: int, noun: str) -> str:
     """``n`` (with thousands separators) and ``noun``, plural unless ``n`` is 1; nouns ending in s, x, ch
-    or sh take -es ("3 classes")."""
+    or sh take -es ("3 classes"), a consonant and y -ies ("2 deliveries")."""
     if n == 1:
         return f"{n:,} {noun}"
+    if noun.endswith("y") and noun[-2:-1] not in ("a", "e", "i", "o", "u", ""):
+        return f"{n:,} {noun[:-1]}ies"
     plural = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{n:,} {plural}"
 

@@ -147,6 +147,8 @@ def test_the_printed_scorecard_has_the_contract_columns_and_no_nan_cells(capsys)
 def test_counted_nouns():
     assert [count(1, "vendor"), count(2, "vendor"), count(3, "class"), count(1200, "image")] == \
         ["1 vendor", "2 vendors", "3 classes", "1,200 images"]
+    assert [count(2, "other delivery"), count(1, "delivery"), count(2, "day")] == \
+        ["2 other deliveries", "1 delivery", "2 days"]
 
 
 def test_loading_the_definitions_raises_no_deprecation_warning_of_ours():
