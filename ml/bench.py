@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from ml.audit import run_audit
 from ml.scorecard import MIN_IMAGES_TO_RATE, compare_vendors
 from ml.datasets import load_dataset
-from ml.simulate import simulate_labels
+from ml.simulate import copy_confident_mistakes, label_by_workers, simulate_labels
 from ml.train import FoldEnsemble, TrainConfig, cross_validate, member_for_content, score_out_of_sample, train_folds
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,19 @@ class Scenario:
     late: int = 0  # images per vendor delivered after training (scenario L), out of per_vendor
     backbone: str = "small_cnn"  # ml.backbones name; small_cnn is trained from scratch
     training: str = "scratch"  # scratch, probe or finetune (ml.train)
+    # real workers' labels (CIFAR-10N) instead of simulated errors: one ml.simulate.WORKER_SOURCES per vendor
+    worker_sources: tuple[str, ...] = ()
+    # vendors that copy the classifier's confident mistakes on this share of their images
+    copies: dict[str, float] = field(default_factory=dict)
+
+    def simulate(self, data, seed: int):
+        """The vendors' labels for ``seed`` (before any copied mistakes: those need the model's outputs)."""
+        if self.worker_sources:
+            from ml.datasets import load_cifar10_workers
+
+            return label_by_workers(data, load_cifar10_workers(), dict(zip(self.vendors, self.worker_sources)),
+                                    self.per_vendor, seed)
+        return simulate_labels(data, self.vendors, self.per_vendor, seed, self.noise, self.ambiguous)
 
 
 PHOTO_VENDORS = {"a": 0.0, "b": 0.05, "c": 0.10, "d": 0.20}
@@ -66,6 +79,17 @@ SCENARIOS = {s.key: s for s in [
              "cifar10", {"a": 0.03, "b": 0.08, "c": 0.12, "d": 0.20}, 2000, backbone="efficientnet_lite0",
              training="probe"),
     Scenario("PS", "photos: scenario P's photos, small_cnn from scratch", "cifar10", PHOTO_VENDORS, 2000),
+    Scenario("H", "photos labelled by real workers (CIFAR-10N): original / majority of 3 / one worker / worst "
+             "of 3; efficientnet_lite0 probe", "cifar10", {"orig": 0.0, "majority": 0.0, "worker": 0.0, "worst": 0.0},
+             2000, backbone="efficientnet_lite0", training="probe",
+             worker_sources=("original", "majority", "worker", "worst")),
+    Scenario("HP", "photos where real workers split: the majority's label against a minority's; "
+             "efficientnet_lite0 probe", "cifar10", {"orig": 0.0, "majority": 0.0, "minority": 0.0}, 2000,
+             backbone="efficientnet_lite0", training="probe",
+             worker_sources=("original", "split-majority", "split-minority")),
+    Scenario("I", "photos, errors the model cannot see: two vendors copy the classifier's confident mistakes on "
+             "1% / 5%; efficientnet_lite0 probe", "cifar10", {"a": 0.0, "copy1": 0.0, "copy5": 0.0, "d": 0.10}, 2000,
+             backbone="efficientnet_lite0", training="probe", copies={"copy1": 0.01, "copy5": 0.05}),
     # for a GPU: on 2 CPU cores its 5 x 8 epochs of fine-tuning take hours
     Scenario("PF", "photos: scenario P's photos, efficientnet_lite0 fine-tuned", "cifar10", PHOTO_VENDORS, 2000,
              backbone="efficientnet_lite0", training="finetune"),
@@ -132,8 +156,9 @@ def _ranking_metrics(estimate: np.ndarray, truth: np.ndarray) -> tuple[float, li
 def run_seed(scenario: Scenario, seed: int, config: BenchConfig) -> dict:
     """Every figure of one scenario and seed (rates in fractions)."""
     data = load_dataset(scenario.dataset)
-    sim = simulate_labels(data, scenario.vendors, scenario.per_vendor, seed, scenario.noise, scenario.ambiguous)
+    sim = scenario.simulate(data, seed)
     probs, embeddings, train_seconds = _model_outputs(scenario, seed, sim, len(data.classes), config)
+    sim = copy_confident_mistakes(sim, probs, scenario.copies) if scenario.copies else sim
     started = time.perf_counter()
     rows = pd.DataFrame({"image_id": [f"{sim.vendors[v]}/b/{i}" for i, v in enumerate(sim.vendor)],
                          "vendor": np.array(sim.vendors)[sim.vendor], "batch": "b",

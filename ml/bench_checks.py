@@ -13,7 +13,7 @@ from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabil
 from ml.datasets import load_dataset
 from ml.estimate import fit_noise_model, wilson_interval
 from ml.issues import counted_as_error
-from ml.simulate import simulate_labels
+from ml.simulate import copy_confident_mistakes
 
 log = logging.getLogger(__name__)
 BUDGETS = (25, 50, 100, 200)
@@ -35,8 +35,9 @@ def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, d
     also the same with a useless model (random probabilities of error)."""
     scenario = SCENARIOS[key]
     data = load_dataset(scenario.dataset)
-    sim = simulate_labels(data, scenario.vendors, scenario.per_vendor, seed, scenario.noise, scenario.ambiguous)
+    sim = scenario.simulate(data, seed)
     probs, _, _ = _model_outputs(scenario, seed, sim, len(data.classes), config)
+    sim = copy_confident_mistakes(sim, probs, scenario.copies) if scenario.copies else sim
     model = fit_noise_model(probs, sim.given, sim.vendor)
     p_error = model.p_error(sim.given)
     f = p_error * counted_as_error()(model.clean_prior, sim.given, p_error)  # ambiguous labels are not billed

@@ -113,6 +113,50 @@ def load_cifar10(source: Path | str | None = None) -> ImageSet:
                     tuple(data.classes))
 
 
+CIFAR10N_FILE = "cifar10n-human-labels.npz"
+
+
+def load_cifar10_workers(photos: Path | str | None = None, labels: Path | str | None = None):
+    """CIFAR-10N: the labels three crowd workers gave each photo of ``photos`` (default
+    ``$CIFAR10_NPZ``), read from ``labels`` (default ``$CIFAR10N_NPZ``, else ``cifar10n-human-labels.npz``
+    beside the photos) and matched to the photos by ``source_index``. For benchmarks (Wei et al.,
+    ICLR 2022; the labels are licensed for research, not for shipping).
+
+    Returns
+    -------
+    ml.simulate.WorkerLabels
+        ``votes`` (N, 3), ``majority`` and ``worst`` (N,), in the photos' order.
+    """
+    from ml.simulate import WorkerLabels
+
+    photos_path = Path(photos or os.environ.get("CIFAR10_NPZ", "")).expanduser()
+    if not photos_path.is_file():
+        raise FileNotFoundError(f"{photos_path}: the CIFAR-10 photos (.npz with source_index) are needed to match "
+                                "worker labels; set CIFAR10_NPZ")
+    labels_path = Path(labels or os.environ.get("CIFAR10N_NPZ") or photos_path.with_name(CIFAR10N_FILE)).expanduser()
+    if not labels_path.is_file():
+        raise FileNotFoundError(f"{labels_path}: CIFAR-10N worker labels not found; set CIFAR10N_NPZ")
+    with np.load(photos_path, allow_pickle=False) as data:
+        if "source_index" not in data.files:
+            raise ValueError(f"{photos_path}: no source_index array to match worker labels on")
+        photo_index = data["source_index"]
+    with np.load(labels_path, allow_pickle=False) as data:
+        wanted = ["source_index", "random_label1", "random_label2", "random_label3", "aggre_label", "worse_label"]
+        missing = [name for name in wanted if name not in data.files]
+        if missing:
+            raise ValueError(f"{labels_path}: missing array(s) {missing}")
+        columns = {name: data[name] for name in wanted}
+    position = {int(index): row for row, index in enumerate(columns["source_index"])}
+    unmatched = [int(i) for i in photo_index if int(i) not in position]
+    if unmatched:
+        raise ValueError(f"{labels_path}: no worker labels for {len(unmatched)} photos (first source_index "
+                         f"{unmatched[0]})")
+    rows = np.array([position[int(i)] for i in photo_index])
+    votes = np.stack([columns[f"random_label{k}"][rows] for k in (1, 2, 3)], axis=1).astype(np.int64)
+    return WorkerLabels(votes, columns["aggre_label"][rows].astype(np.int64),
+                        columns["worse_label"][rows].astype(np.int64))
+
+
 def load_dataset(name: str, source: Path | str | None = None) -> ImageSet:
     """A dataset by name; ``source``: a local file where the dataset reads one (cifar10)."""
     loaders = {"fashion-mnist": load_fashion_mnist, "digits": load_digits_upscaled, "cifar10": load_cifar10}

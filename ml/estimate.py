@@ -239,6 +239,7 @@ class InjectedFlips:
     vendor: np.ndarray
     score: np.ndarray
     pooled_from: np.ndarray
+    image: np.ndarray | None = None  # (M,) the flipped image of each flip
 
     def sensitivity(self, weight: np.ndarray | None = None) -> np.ndarray:
         """(V,) mean score per vendor, shrunk toward the pooled mean with ``PSEUDO_FLIPS`` pseudo flips;
@@ -265,10 +266,21 @@ def confusion_shaped_targets(confusion: np.ndarray, vendor: np.ndarray, given: n
     return np.where(target == given, (given + 1) % k, target)  # u rounding onto the last, given class
 
 
+def hard_image_weights(clean_prior: np.ndarray, vendor: np.ndarray, hardness: float) -> np.ndarray:
+    """(N,) weights with mean 1 within each vendor (N,), proportional to ``doubt ** hardness``, the doubt
+    being one minus the clean prior's (N, K) largest class probability: where people err, the images
+    are hard (real annotators' errors cluster on images a classifier is unsure of; ``hardness`` 0 is
+    a uniform draw). ``given`` (N,) is unused by the weights and kept for the flip draw's signature."""
+    doubt = np.clip(1.0 - clean_prior.max(axis=1), 1e-6, 1.0) ** hardness
+    mean = np.bincount(vendor, weights=doubt) / np.maximum(np.bincount(vendor), 1)
+    return doubt / np.maximum(mean[vendor], 1e-12)
+
+
 def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model: NoiseModel,
                  counted_of: CountedOf = _all_counted, share: float = 0.03, repeats: int = 12,
                  seed: int = 0, draw_keys: np.ndarray | None = None,
-                 trained: np.ndarray | None = None, like_confusion: bool = False) -> InjectedFlips:
+                 trained: np.ndarray | None = None, like_confusion: bool = False,
+                 hardness: float = 0.0) -> InjectedFlips:
     """The counted probability of error the estimator gives labels known to be wrong.
 
     Out-of-fold probabilities do not depend on an image's own label, so flipping a random ``share`` of
@@ -291,10 +303,13 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
     k = probs.shape[1]
     keys = np.arange(len(given)).astype(str) if draw_keys is None else np.asarray(draw_keys)
     hashes = key_hashes(keys)  # once: every draw below is keyed by them
-    flip_vendor, flip_score = [], []
+    flip_vendor, flip_score, flip_image = [], [], []
+    flip_chance = np.full(len(given), share)
+    if hardness > 0:
+        flip_chance = share * hard_image_weights(model.clean_prior, vendor, hardness)
     for repeat in range(repeats):
         salt = 1_000_003 * seed + 2 * repeat
-        flipped = keyed_uniform(keys, salt, hashes) < share
+        flipped = keyed_uniform(keys, salt, hashes) < flip_chance
         u = keyed_uniform(keys, salt + 1, hashes)
         if like_confusion:
             target = confusion_shaped_targets(model.confusion, vendor, given, u)
@@ -308,10 +323,12 @@ def inject_flips(probs: np.ndarray, given: np.ndarray, vendor: np.ndarray, model
         score = p_error * counted_of(refit.clean_prior, labels, p_error)
         flip_vendor.append(vendor[flipped])
         flip_score.append(score[flipped])
+        flip_image.append(np.flatnonzero(flipped))
     # pooled over the vendors the classifier trained on, so that a vendor scored later moves no other
     pooled_from = np.bincount(vendor, weights=np.ones(len(given)) if trained is None else trained,
                               minlength=n_vendors) > 0
-    return InjectedFlips(np.concatenate(flip_vendor), np.concatenate(flip_score), pooled_from)
+    return InjectedFlips(np.concatenate(flip_vendor), np.concatenate(flip_score), pooled_from,
+                         np.concatenate(flip_image))
 
 
 def model_false_positive(counted_error: np.ndarray, vendor: np.ndarray, n_vendors: int) -> np.ndarray:

@@ -114,6 +114,98 @@ def simulate_labels(data: ImageSet, vendor_rates: dict[str, float], per_vendor: 
     return SimulatedLabels(list(vendor_rates), images, vendor, given, true, chosen)
 
 
+@dataclass(frozen=True)
+class WorkerLabels:
+    """Labels several people gave the same images, aligned with an :class:`ImageSet`: ``votes`` (N, W)
+    one column per worker, ``majority`` (N,) their majority vote, ``worst`` (N,) a wrong vote wherever
+    one is wrong (else the majority)."""
+
+    votes: np.ndarray
+    majority: np.ndarray
+    worst: np.ndarray
+
+    @property
+    def split(self) -> np.ndarray:
+        """(N,) bool: the workers did not all give the same label."""
+        return (self.votes != self.votes[:, :1]).any(axis=1)
+
+
+# How a simulated vendor labels from real workers' votes (label_by_workers):
+WORKER_SOURCES = {
+    "original": "the dataset's own label (no error)",
+    "majority": "the workers' majority vote",
+    "worker": "one worker's vote, a different worker drawn per image",
+    "worst": "a wrong vote wherever a worker was wrong",
+    "split-majority": "the majority vote where the workers split, the dataset's label elsewhere",
+    "split-minority": "a minority vote where the workers split, the dataset's label elsewhere",
+}
+
+
+def label_by_workers(data: ImageSet, workers: WorkerLabels, sources: dict[str, str], per_vendor: int,
+                     seed: int = 0) -> SimulatedLabels:
+    """Draw ``per_vendor`` different images per vendor, each vendor labelling them as real people did.
+
+    ``sources`` maps each vendor to one of :data:`WORKER_SOURCES`. The truth is the dataset's label;
+    where the workers split, a label that one of them gave is also true for the ``split-*`` vendors
+    (a plausible second label: several people would give it), not for the others, whose error rates
+    are against the dataset's labels.
+    """
+    unknown = sorted(set(sources.values()) - set(WORKER_SOURCES))
+    if unknown:
+        raise ValueError(f"unknown worker label source(s) {unknown}; choose from {sorted(WORKER_SOURCES)}")
+    rng = np.random.default_rng(seed)
+    n_needed = per_vendor * len(sources)
+    if n_needed > len(data.labels):
+        raise ValueError(f"{data.name} has {len(data.labels)} images, {n_needed} needed")
+    chosen = rng.permutation(len(data.labels))[:n_needed]
+    vendor = np.repeat(np.arange(len(sources)), per_vendor)
+    original = data.labels[chosen]
+    votes, split = workers.votes[chosen], workers.split[chosen]
+    rows = np.arange(n_needed)
+    one_worker = votes[rows, rng.integers(0, votes.shape[1], n_needed)]
+    # a minority vote: a vote that differs from the majority, drawn among such votes
+    minority_vote = np.where(votes != workers.majority[chosen, None], votes, -1)
+    keys = rng.random(votes.shape) * (minority_vote >= 0)
+    minority = minority_vote[rows, keys.argmax(axis=1)]
+    minority = np.where(minority >= 0, minority, workers.majority[chosen])
+    by_source = {"original": original, "majority": workers.majority[chosen], "worker": one_worker,
+                 "worst": workers.worst[chosen],
+                 "split-majority": np.where(split, workers.majority[chosen], original),
+                 "split-minority": np.where(split, minority, original)}
+    given = np.empty(n_needed, np.int64)
+    true = np.stack([original, np.full(n_needed, -1)], axis=1)
+    for v, source in enumerate(sources.values()):
+        members = vendor == v
+        given[members] = by_source[source][members]
+        if source.startswith("split-"):
+            plausible = members & split & (given != original)
+            true[plausible, 1] = given[plausible]
+    return SimulatedLabels(list(sources), data.images[chosen], vendor, given, true, chosen)
+
+
+def copy_confident_mistakes(sim: SimulatedLabels, probs: np.ndarray, shares: dict[str, float]) -> SimulatedLabels:
+    """The same images with some vendors' labels replaced by the classifier's own confident mistakes.
+
+    A vendor that pre-labels with a model like the auditor's makes its errors exactly where the
+    classifier is confidently wrong. For each vendor in ``shares``, that share of its images (the ones
+    whose out-of-fold ``probs`` (N, K) are most confident in a class other than the truth) get the
+    classifier's class. Out-of-fold probabilities do not depend on an image's own label, so they stay
+    the classifier's outputs for the new labels.
+    """
+    given = sim.given.copy()
+    predicted, confidence = probs.argmax(axis=1), probs.max(axis=1)
+    mistaken = predicted != sim.true[:, 0]
+    for name, share in shares.items():
+        v = sim.vendors.index(name)
+        members = np.flatnonzero((sim.vendor == v) & mistaken & (sim.given == sim.true[:, 0]))
+        n_copied = int(round(share * (sim.vendor == v).sum()))
+        if n_copied > len(members):
+            raise ValueError(f"{name}: {n_copied} confident mistakes wanted, the classifier made {len(members)}")
+        copied = members[np.argsort(-confidence[members], kind="stable")[:n_copied]]
+        given[copied] = predicted[copied]
+    return SimulatedLabels(sim.vendors, sim.images, sim.vendor, given, sim.true, sim.source)
+
+
 def _overlay(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """Two images as one in which both objects are visible."""
     if first.ndim == 3 and first.shape[-1] == 3:
