@@ -33,7 +33,7 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     # scorecard_automation sensor is on; no job or sensor has to name it
     automation_condition=dg.AutomationCondition.eager(),
     description="One row per vendor: error rate with a 95% interval (combined with the hand checks where a vendor "
-                "has them), flagged and ambiguous counts, rank, hand-check and gold columns, the verdict against "
+                "has them, and what it rests on: checked or model only), flagged and ambiguous counts, rank, hand-check and gold columns, the verdict against "
                 "the contract (pay, warn or drop); "
                 "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
                 "self-contained report.html).",

@@ -21,15 +21,18 @@ import numpy as np
 import pandas as pd
 
 from ml.check_plan import Plan, checks_to_exclude, on_the_point
+from ml.check_sampling import MIN_CHECKS_FOR_NORMAL
 from ml.estimate import MIN_IMAGES_TO_RATE
 from ml.reliability import UNRELIABLE
-from ml.scorecard import RATED
+from ml.scorecard import MODEL_ONLY, RATED, rate_basis
 from ml.wording import count, percent_interval
 
 CONTRACT_COLUMNS = ["contract_limit", "contract_verdict", "contract_action", "checks_to_decide"]
 WITHIN, UNDECIDED, BREACH = "within", "undecided", "breach"
 ACTIONS = {WITHIN: "pay", UNDECIDED: "warn", BREACH: "drop"}
-CHECKED, MODEL_ONLY = "checked", "model only"  # what a vendor's rate rests on
+MODEL_ONLY_CAVEAT = ("Model-only figures count the errors the classifier can see; errors it cannot see (for example "
+                     "labels copied from a similar model, or errors on genuinely hard images) are not ruled out until "
+                     "hand checks are combined.")
 
 
 def vendor_limits(vendors: Iterable[str], max_error_rate: float | None,
@@ -43,15 +46,6 @@ def unknown_override_vendors(vendors: Iterable[str], overrides: Mapping[str, flo
     default limit)."""
     known = set(vendors)
     return sorted(vendor for vendor in overrides if vendor not in known)
-
-
-def rate_basis(scorecard: pd.DataFrame) -> pd.Series:
-    """Per scorecard row, what its rate rests on: ``checked`` where it combines hand checks (the
-    checks-only columns are filled only then), else ``model only``."""
-    if "checks_error_rate" not in scorecard:
-        return pd.Series(MODEL_ONLY, index=scorecard.index)
-    combined = pd.to_numeric(scorecard["checks_error_rate"], errors="coerce").notna()
-    return pd.Series(np.where(combined, CHECKED, MODEL_ONLY), index=scorecard.index)
 
 
 def _unreliable(scorecard: pd.DataFrame) -> pd.Series:
@@ -147,6 +141,7 @@ def verdict_lines(scorecard: pd.DataFrame) -> list[tuple[str, str]]:
         limit = float(row["contract_limit"])
         rate = float(row["error_rate"])
         interval = percent_interval(rate, row["error_rate_low"], row["error_rate_high"])
+        based = percent_interval(rate, row["error_rate_low"], row["error_rate_high"], basis[i])
         if verdict == WITHIN:
             text = f"within: {interval} is below the contract's {limit_text(limit)} ({basis[i]})"
         elif verdict == BREACH:
@@ -160,12 +155,50 @@ def verdict_lines(scorecard: pd.DataFrame) -> list[tuple[str, str]]:
                 text = (f"undecided: {interval} rests on a classifier too weak to measure it (see the vendor's note): "
                         f"no verdict against the contract's {limit_text(limit)} from the model alone")
             elif on_the_point(rate, limit):
-                text = f"undecided: {interval[:-1]}, {basis[i]}) sits on the contract's {limit_text(limit)}"
+                text = f"undecided: {based} sits on the contract's {limit_text(limit)}"
             else:
-                text = f"undecided: the limit {limit_text(limit)} is inside {interval[:-1]}, {basis[i]})"
+                text = f"undecided: the limit {limit_text(limit)} is inside {based}"
             checks = row["checks_to_decide"]
             text += ("; checks would not decide it" if pd.isna(checks) else
-                     f"; about {int(checks):,} planned checks would most likely decide it: vendor-audit plan "
-                     f"--budget {int(checks)}")
+                     f"; about {int(checks):,} planned checks would most likely decide it: {plan_command(int(checks))}")
         lines.append((f"{row['vendor']}: {ACTIONS[verdict]}", text))
     return lines
+
+
+def plan_command(checks: int) -> str:
+    """The command that draws ``checks`` expected checks per vendor."""
+    return f"vendor-audit plan --budget {checks}"
+
+
+def checks_for_basis(scorecard: pd.DataFrame) -> pd.Series:
+    """Per scorecard row, the planned checks that would make its verdict rest on hand checks.
+
+    A vendor's rate combines its checks once it has answers from a plan that covers all its images
+    (:func:`ml.check_plan.vendor_checks`); the number suggested is the contract's ``checks_to_decide``
+    where it gives one, else ``MIN_CHECKS_FOR_NORMAL`` (the plan size from which the interval no longer
+    rests on the checks-only bound), at most the vendor's images.
+
+    Parameters
+    ----------
+    scorecard : rows with vendor, n_images, status (and checks_error_rate, checks_to_decide when there).
+
+    Returns
+    -------
+    Int64 per row: the number for a rated vendor whose rate is the model's alone (:func:`rate_basis`);
+    missing for one whose rate combines hand checks and for one with too few images to rate.
+    """
+    to_decide = pd.to_numeric(scorecard["checks_to_decide"], errors="coerce") if "checks_to_decide" in scorecard \
+        else pd.Series(np.nan, index=scorecard.index)
+    fallback = np.minimum(MIN_CHECKS_FOR_NORMAL, pd.to_numeric(scorecard["n_images"]))
+    asks = (rate_basis(scorecard) == MODEL_ONLY) & (scorecard["status"] == RATED)
+    return to_decide.astype(float).fillna(fallback).where(asks).astype("Int64")
+
+
+def basis_lines(scorecard: pd.DataFrame) -> list[str]:
+    """Per rated vendor whose rate is the model's alone, in scorecard order, the planned checks that would
+    make its verdict check-based (:func:`checks_for_basis`), as the command that draws them, e.g.
+    ``"b: about 100 planned checks, once answered, would make its verdict check-based: vendor-audit plan
+    --budget 100"``; none when every rated vendor's rate combines hand checks."""
+    checks = checks_for_basis(scorecard)
+    return [f"{vendor}: about {n:,} planned checks, once answered, would make its verdict check-based: "
+            f"{plan_command(n)}" for vendor, n in zip(scorecard["vendor"].astype(str), checks) if pd.notna(n)]

@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import GroupRates, split_group_names
-from ml.contract import CHECKED, MODEL_ONLY
 from ml.reliability import assess_reliability
 from ml.estimate import MIN_IMAGES_TO_RATE
-from ml.scorecard import holm, rate_table
+from ml.scorecard import add_notes, holm, rate_table
 
 # reports/deliveries.csv: the contract's columns first
 DELIVERY_COLUMNS = ["vendor", "delivery", "delivered_at", "n_images", "error_rate", "error_rate_low",
@@ -34,7 +33,8 @@ def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_onl
     delivered_at : per ``vendor/batch``, when it was ingested (ISO time; empty when unknown).
     checks : per ``vendor/batch`` (:func:`ml.check_plan.vendor_checks` with those groups): where a
         delivery's images are all in some check plan and some are checked, its rate combines them
-        (``basis`` "checked (n checks)"); otherwise the model's (``basis`` "model only").
+        (``basis`` "checked (n checks)", :func:`ml.scorecard.basis_text`); otherwise the model's (``basis``
+        "model only").
 
     Small deliveries follow the vendors' rule: under MIN_IMAGES_TO_RATE images, shown but not rated.
     """
@@ -45,10 +45,7 @@ def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_onl
     combined = checks["combined"].to_numpy(bool) if checks is not None else np.zeros(len(deliveries.names), bool)
     reliability = assess_reliability(rates, heldout_accuracy, n_classes, combined=combined)
     table = rate_table(deliveries.names, deliveries.group, verdict, rates, checks=checks, reliability=reliability)
-    n_checked = checks["n_checked"].to_numpy(int) if checks is not None else np.zeros(len(table), int)
-    basis = [f"{CHECKED} ({n} checks)" if c else MODEL_ONLY for c, n in zip(combined, n_checked)]
-    table = table.assign(basis=basis,
-                         delivered_at=[(delivered_at or {}).get(name, "") for name in deliveries.names])
+    table = table.assign(delivered_at=[(delivered_at or {}).get(name, "") for name in deliveries.names])
     table = split_group_names(table, "delivery")
     # ranks compare vendors (the scorecard); deliveries of different vendors are not ranked against each other
     rest = [c for c in table.columns if c not in DELIVERY_COLUMNS and c != "rank"]
@@ -114,6 +111,4 @@ def with_worsening_notes(scorecard: pd.DataFrame, table: pd.DataFrame) -> pd.Dat
     notes = {row.vendor: worsening_note(row) for row in table[table["worse"].astype(bool)].itertuples(index=False)}
     if not notes:
         return scorecard
-    note = scorecard["note"].fillna("").astype(str)
-    added = scorecard["vendor"].map(notes).fillna("")
-    return scorecard.assign(note=[f"{n}; {a}" if n and a else n or a for n, a in zip(note, added)])
+    return scorecard.assign(note=add_notes(scorecard["note"], scorecard["vendor"].map(notes)))

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 
 from ml.checks import QUARANTINE_KINDS
-from ml.contract import verdict_lines
+from ml.contract import MODEL_ONLY_CAVEAT, basis_lines, verdict_lines
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.reliability import Reliability, reliability_lines
-from ml.scorecard import UPPER_ONLY_NOTE, format_p_value
+from ml.scorecard import MODEL_ONLY, RATED, UPPER_ONLY_NOTE, disagreements, format_p_value, rate_basis
 from ml.thumbnails import thumbnail_png
 from ml.wording import count, is_finite_number as _finite, percent, percent_interval
 
@@ -429,8 +429,13 @@ def delivery_intake(issues: pd.DataFrame, quarantined: pd.DataFrame) -> pd.DataF
 # ---- sections ----------------------------------------------------------------------------------------
 
 
-def _rate_text(row) -> str:
-    return percent_interval(row.error_rate, row.error_rate_low, row.error_rate_high)
+def _rate_text(row, basis: str = "") -> str:
+    return percent_interval(row.error_rate, row.error_rate_low, row.error_rate_high, basis)
+
+
+def _without(note: str, warning: str) -> str:
+    """``note`` less ``warning`` (one of the parts joined by ``"; "``)."""
+    return "; ".join(part.strip("; ") for part in note.split(warning) if part.strip("; ")) if warning else note
 
 
 UNPLANNED_ADVICE = ("Those answers set the images' verdicts but do not change the rate: images picked because "
@@ -452,9 +457,18 @@ def _plan_advice(names: list[str], checks: pd.DataFrame | None) -> tuple:
 
 
 def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.DataFrame | None = None) -> list:
-    rated = card[card["status"] == "rated"].sort_values(["error_rate", "vendor"])
-    unrated = card[card["status"] != "rated"]
+    """The summary: findings (each rated vendor's figure with what it rests on, hand checks that
+    disagree with the model), how sure, and what to do next (with the checks that would make model-only
+    verdicts check-based)."""
+    rated = card[card["status"] == RATED].sort_values(["error_rate", "vendor"])
+    unrated = card[card["status"] != RATED]
     by_vendor = {row.vendor: row for row in card.itertuples(index=False)}
+    basis = dict(zip(card["vendor"], rate_basis(card)))
+
+    def figure(row) -> str:
+        return _rate_text(row, basis[row.vendor])
+
+    disagree = dict(zip(card["vendor"], disagreements(card)))
     names = list(rated["vendor"])
     fewer = _fewer_pairs(comps)
     findings, actions = [], []
@@ -464,8 +478,8 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
     elif len(names) == 1:
         only = by_vendor[names[0]]
         estimate = (f"at most {100 * only.error_rate_high:.1f}% of its labels are wrong (an upper estimate, "
-                    f"{_rate_text(only)})" if UPPER_ONLY_NOTE in str(only.note)
-                    else f"an estimated {_rate_text(only)} of its labels are wrong")
+                    f"{figure(only)})" if UPPER_ONLY_NOTE in str(only.note)
+                    else f"an estimated {figure(only)} of its labels are wrong")
         findings.append((Strong(only.vendor), f" is the only vendor with enough images to rate: {estimate}. "
                          "There is no other vendor to compare it with."))
     else:
@@ -473,13 +487,13 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
         if best:
             b = by_vendor[best[0]]
             others = [w for w in names if w != b.vendor]
-            findings.append((Strong(f"{b.vendor} is the best vendor"), f": an estimated {_rate_text(b)} of its "
+            findings.append((Strong(f"{b.vendor} is the best vendor"), f": an estimated {figure(b)} of its "
                              f"labels are wrong, significantly fewer errors than {_and(others)}."))
         else:
             lowest = by_vendor[names[0]]
             ties = [w for w in names[1:] if (lowest.vendor, w) not in fewer]
             findings.append(("No vendor is clearly best. ", Strong(lowest.vendor), f" has the lowest estimate "
-                             f"({_rate_text(lowest)}), but it is not distinguishable from {_and(ties)} with this "
+                             f"({figure(lowest)}), but it is not distinguishable from {_and(ties)} with this "
                              "data."))
         for worse in reversed(names):
             better = [v for v in names if (v, worse) in fewer]
@@ -491,7 +505,7 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
                 gaps.append(f"{points(diff)} percentage points more than {v} (95% interval {points(low)} to "
                             f"{points(high)}, {_p_phrase(p_text)})")
             row = by_vendor[worse]
-            findings.append((Strong(f"{worse} has more errors"), f": an estimated {_rate_text(row)}, "
+            findings.append((Strong(f"{worse} has more errors"), f": an estimated {figure(row)}, "
                              + "; ".join(gaps) + "."))
             if row.n_flagged:
                 actions.append((f"To confirm errors to take up with {worse}, check its "
@@ -511,6 +525,9 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
                 actions.append((f"To confirm errors to take up with {top.vendor}, spot-check its "
                                 f"{count(top.n_flagged, 'flagged image')}, highest probability of error first. "
                                 f"{UNPLANNED_ADVICE}",))
+    for vendor in names:
+        if disagree[vendor]:
+            findings.append((Strong(vendor), f": {disagree[vendor]}."))
     for row in unrated.itertuples(index=False):
         findings.append((Strong(row.vendor), f" delivered {count(row.n_images, 'image')}: {row.status}. Its "
                          f"figures are shown but it is not ranked or compared."))
@@ -532,9 +549,12 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
                             else f"{row.first_vendor} had already delivered.")))
         actions.append((f"Ask {row.vendor} about the {count(row.n_images, 'repeated image')} and make sure "
                         f"they are not paid for twice.",))
-    for row in card[(card["note"].str.strip() != "") & (card["status"] == "rated")].itertuples(index=False):
-        actions.append((f"Read the warning about {row.vendor} under Input problems: {row.note.strip()}.",))
+    for row in card[card["status"] == RATED].itertuples(index=False):
+        note = _without(row.note.strip(), disagree[row.vendor])  # said among the findings
+        if note:
+            actions.append((f"Read the warning about {row.vendor} under Input problems: {note}.",))
 
+    actions += [(line,) for line in basis_lines(card)]
     if names:
         actions.append(_plan_advice(names, checks))
     if any("flagged image" in a[0] and a[0].startswith("To confirm errors") for a in actions):
@@ -547,7 +567,10 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
         sureness += (f" A vendor is called better than another only where the pairwise test finds the difference "
                      f"significant at the 5% level after the Holm correction for making "
                      f"{count(len(comps), 'comparison')} at once.")
-    blocks = [Heading(2, "Summary"), Bullets(tuple(findings)), _para(sureness)]
+    blocks = [Heading(2, "Summary"), Bullets(tuple(findings))]
+    if (rated["vendor"].map(basis) == MODEL_ONLY).any():  # the figures above must not read as certain
+        blocks.append(_para(MODEL_ONLY_CAVEAT))
+    blocks.append(_para(sureness))
     if actions:
         blocks += [Heading(3, "What to do next"), Bullets(tuple(actions))]
     return blocks

@@ -6,7 +6,9 @@ across every pair tested, and a vendor is called better only where the adjusted 
 
 With hand checks (``checks``: the per-vendor frame of :func:`ml.check_plan.vendor_checks`), a vendor
 whose checks are combined with the model gets the combined estimate as its ``error_rate`` and its
-interval; the model-only figures stay in ``model_error_rate*``.
+interval; the model-only figures stay in ``model_error_rate*``. Every row's ``basis`` says which: ``checked
+(N checks)``, valid whatever the model, or ``model only``, valid where the vendor's errors are as
+visible to the classifier as modelled; where the two intervals do not overlap, the note says so.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from scipy.stats import norm
 
 from ml.estimate import MIN_IMAGES_TO_RATE, VendorRates, exact_binomial_interval
 from ml.reliability import Reliability, assess_reliability, unreliable_note, what_would_help
+from ml.wording import count, percent_bracket
 
 SCORECARD_COLUMNS = ["vendor", "n_images", "n_flagged", "n_ambiguous", "error_rate", "error_rate_low",
                      "error_rate_high", "rank"]
@@ -29,6 +32,8 @@ SCORECARD_CHECK_COLUMNS = ["n_checked", "checked_errors", "checks_error_rate", "
                            "checks_error_rate_high", "model_error_rate", "model_error_rate_low",
                            "model_error_rate_high", "gold_images", "gold_accuracy"]
 RATED = "rated"
+CHECKED, MODEL_ONLY = "checked", "model only"  # what a rate rests on (the ``basis`` column)
+DISAGREE = "hand checks disagree with the model-only estimate"
 UPPER_ONLY_NOTE = ("the model learned from one vendor only, so its own mistakes cannot be told from that vendor's "
                    "errors: the rate is an upper estimate (the interval starts at 0); hand checks measure it "
                    "(vendor-audit plan)")
@@ -59,11 +64,71 @@ def combined_rates(names: list[str], rates: VendorRates,
             np.where(use, frame["combined_high"].to_numpy(float), rates.high), use)
 
 
+def basis_text(combined: np.ndarray, n_checked: np.ndarray) -> list[str]:
+    """The ``basis`` column.
+
+    Parameters
+    ----------
+    combined : (G,) bool, whether each group's rate combines hand checks.
+    n_checked : (G,) int, the design checks of each group.
+
+    Returns
+    -------
+    Per group, ``"checked (N checks)"`` where its rate combines hand checks, else ``"model only"``.
+    """
+    return [f"{CHECKED} ({count(int(n), 'check')})" if c else MODEL_ONLY for c, n in zip(combined, n_checked)]
+
+
+def rate_basis(scorecard: pd.DataFrame) -> pd.Series:
+    """Per scorecard row, what its rate rests on: ``checked`` where it combines hand checks (the
+    checks-only columns are filled only then, also in scorecards written before ``basis``), else
+    ``model only``."""
+    if "checks_error_rate" not in scorecard:
+        return pd.Series(MODEL_ONLY, index=scorecard.index)
+    combined = pd.to_numeric(scorecard["checks_error_rate"], errors="coerce").notna()
+    return pd.Series(np.where(combined, CHECKED, MODEL_ONLY), index=scorecard.index)
+
+
+def disagreements(card: pd.DataFrame) -> pd.Series:
+    """Per row, the warning that the hand checks disagree with the model, "" where they do not.
+
+    Parameters
+    ----------
+    card : scorecard rows (``error_rate*``, and ``model_error_rate*`` and ``checks_error_rate`` where
+        hand checks are folded in).
+
+    Returns
+    -------
+    str per row of ``card``: where its rate combines hand checks (:func:`rate_basis`) and its interval
+    does not overlap the model-only one, both figures and what follows (the model misses some of the
+    vendor's errors, or sees some that are not there; the verdict rests on the checks); "" elsewhere.
+    """
+    warnings = pd.Series("", index=card.index, dtype=object)
+    if "model_error_rate_low" not in card:
+        return warnings
+    model, checked = (card[[f"{prefix}{end}" for end in ("", "_low", "_high")]].apply(pd.to_numeric, errors="coerce")
+                      for prefix in ("model_error_rate", "error_rate"))
+    apart = (rate_basis(card) == CHECKED) & ((checked["error_rate_high"] < model["model_error_rate_low"])
+                                             | (checked["error_rate_low"] > model["model_error_rate_high"]))
+    for i in card.index[apart]:
+        warnings[i] = (f"{DISAGREE} ({MODEL_ONLY} {percent_bracket(*model.loc[i])}, {CHECKED} "
+                       f"{percent_bracket(*checked.loc[i])}): the model misses some of this vendor's errors (or sees "
+                       "errors that are not there); the verdict rests on the checks")
+    return warnings
+
+
+def add_notes(notes: pd.Series, added: pd.Series) -> list[str]:
+    """Each of ``notes`` with the one of ``added`` beside it (``"; "`` between two non-empty ones)."""
+    notes, added = notes.fillna("").astype(str), added.fillna("").astype(str)
+    return [f"{n}; {a}" if n and a else n or a for n, a in zip(notes, added)]
+
+
 def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: VendorRates,
                min_images: int = MIN_IMAGES_TO_RATE, checks: pd.DataFrame | None = None,
                reliability: Reliability | None = None, remedies: list[str] | None = None) -> pd.DataFrame:
     """One row per group (vendor, or vendor/annotator) in ``names`` order: SCORECARD_COLUMNS, then
-    ``status``, ``note`` and ``ambiguous_rate``. ``group`` (N,) indexes ``names``; ``verdict`` (N,) str.
+    ``status``, ``note``, ``ambiguous_rate`` and ``basis`` (:func:`basis_text`). ``group`` (N,) indexes
+    ``names``; ``verdict`` (N,) str.
     ``rank`` (1 = fewest errors) is given to rated groups only; ``error_rate`` counts clear errors.
 
     ``reliability`` (default: from the detection slope of ``rates`` alone) and ``remedies``
@@ -72,7 +137,9 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
 
     With ``checks`` (per vendor, :func:`ml.check_plan.vendor_checks`), SCORECARD_CHECK_COLUMNS follow:
     ``error_rate*`` are then the combined estimate where the vendor's checks are combined, the model's
-    otherwise (``model_error_rate*`` always); the checks-only columns are empty where not combined."""
+    otherwise (``model_error_rate*`` always); the checks-only columns are empty where not combined, and
+    the note of a combined group whose interval does not overlap the model's carries
+    :func:`disagreements`."""
     n = len(names)
     n_images = np.bincount(group, minlength=n)
     rated = n_images >= min_images
@@ -106,6 +173,7 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
     table["status"] = np.where(rated, RATED, TOO_FEW)
     table["note"] = notes
     table["ambiguous_rate"] = (table["n_ambiguous"] / table["n_images"].clip(lower=1)).round(4)
+    table["basis"] = basis_text(combined, frame["n_checked"].to_numpy() if frame is not None else np.zeros(n, int))
     if frame is not None:
         for column in ("n_checked", "checked_errors"):
             table[column] = frame[column].to_numpy()
@@ -116,6 +184,7 @@ def rate_table(names: list[str], group: np.ndarray, verdict: np.ndarray, rates: 
         table["model_error_rate_high"] = rates.high.round(4)
         table["gold_images"] = frame["gold_images"].to_numpy()
         table["gold_accuracy"] = frame["gold_accuracy"].to_numpy(float).round(4)
+        table["note"] = add_notes(table["note"], disagreements(table))
     return table
 
 

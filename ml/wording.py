@@ -1,5 +1,5 @@
 """Words for messages and reports: counted nouns ("1 vendor", "3 classes") and percentages ("4.9%",
-"4.9% (3.2-6.8%)")."""
+"4.9% (3.2-6.8%)", "4.9% (3.2-6.8%, model only)", "4.9% [3.2, 6.8]")."""
 
 import math
 
@@ -28,10 +28,17 @@ def percent(value) -> str:
     return f"{100 * float(value):.1f}%" if is_finite_number(value) else "n/a"
 
 
-def percent_interval(rate, low, high) -> str:
-    """"4.9% (3.2-6.8%)": a rate and its 95% interval, fractions in."""
+def percent_interval(rate, low, high, basis: str = "") -> str:
+    """"4.9% (3.2-6.8%)": a rate and its 95% interval, fractions in; with ``basis`` (what the figure
+    rests on) inside the brackets: "4.9% (3.2-6.8%, model only)"."""
     if not is_finite_number(rate):
         return "n/a"
-    if not (is_finite_number(low) and is_finite_number(high)):
-        return percent(rate)
-    return f"{100 * float(rate):.1f}% ({100 * float(low):.1f}-{100 * float(high):.1f}%)"
+    inside = [f"{100 * float(low):.1f}-{100 * float(high):.1f}%"] \
+        if is_finite_number(low) and is_finite_number(high) else []
+    inside += [basis] if basis else []
+    return percent(rate) + (f" ({', '.join(inside)})" if inside else "")
+
+
+def percent_bracket(rate, low, high) -> str:
+    """"4.9% [3.2, 6.8]": a rate and its 95% interval, fractions in, for use inside round brackets."""
+    return f"{percent(rate)} [{100 * float(low):.1f}, {100 * float(high):.1f}]"

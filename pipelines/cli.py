@@ -300,10 +300,12 @@ def _without_stack_trace(record: logging.LogRecord) -> bool:
     return True
 
 
-def format_summary(summary: RunSummary, hand_checks: list[str] = (), contract: list[str] = ()) -> list[str]:
+def format_summary(summary: RunSummary, hand_checks: list[str] = (), contract: list[str] = (),
+                   basis: list[str] = ()) -> list[str]:
     """The run's summary as plain lines, printed after the scorecard; ``hand_checks``: lines about the
     answers read (:func:`hand_check_lines`); ``contract``: the verdicts against the contract
-    (:func:`contract_lines`)."""
+    (:func:`contract_lines`); ``basis``: the vendors whose figures rest on the model alone
+    (:func:`model_only_lines`)."""
     from ml.reliability import UNRELIABLE
 
     lines = ["summary:"]
@@ -341,6 +343,7 @@ def format_summary(summary: RunSummary, hand_checks: list[str] = (), contract: l
         lines.append("  waiting for _READY: " + ", ".join(summary.waiting))
     lines += list(hand_checks)
     lines += list(contract)
+    lines += list(basis)
     if summary.input_problems:
         lines.append("  some input had problems (exit status 3)")
     return lines
@@ -386,6 +389,17 @@ def contract_lines(scorecard: pd.DataFrame, home: Path, breach_status: bool) -> 
     if breach:
         lines.append(f"  {', '.join(breach)} in breach of the contract" + (" (exit status 4)" if breach_status else ""))
     return lines
+
+
+def model_only_lines(scorecard: pd.DataFrame) -> list[str]:
+    """Summary lines about the rated vendors whose figures rest on the model alone: what such a figure
+    leaves out (:data:`ml.contract.MODEL_ONLY_CAVEAT`) and, per vendor, the planned checks that would make
+    its verdict check-based (:func:`ml.contract.basis_lines`); nothing when every rated vendor's rate
+    combines hand checks."""
+    from ml.contract import MODEL_ONLY_CAVEAT, basis_lines
+
+    lines = basis_lines(scorecard)
+    return [f"  {MODEL_ONLY_CAVEAT}"] + [f"    {line}" for line in lines] if lines else []
 
 
 def run_status(*statuses: int) -> int:
@@ -441,11 +455,12 @@ def _init(args) -> int:
 
 
 def print_scorecard(scorecard: pd.DataFrame, wide: bool = False) -> None:
-    """The scorecard on the console: the contract's columns, ``status`` and the simulation's true rate
-    when known (``wide``: every column); empty cells blank, not NaN. The notes are in the summary."""
+    """The scorecard on the console: the contract's columns, ``status``, ``basis`` and the simulation's
+    true rate when known (``wide``: every column); empty cells blank, not NaN. The notes are in the
+    summary."""
     from ml.scorecard import SCORECARD_COLUMNS
 
-    shown = scorecard if wide else scorecard[[c for c in (*SCORECARD_COLUMNS, "status", "true_error_rate")
+    shown = scorecard if wide else scorecard[[c for c in (*SCORECARD_COLUMNS, "status", "basis", "true_error_rate")
                                               if c in scorecard.columns]]
     print(shown.to_string(index=False, na_rep=""))
 
@@ -563,8 +578,9 @@ def _run(args) -> int:
         print("no scorecard: no delivery is curated yet")
     breach = done.scorecard is not None and bool(vendors_by_verdict(done.scorecard)[BREACH])
     breach_status = breach and not getattr(args, "no_breach_status", False) and not done.summary.input_problems
-    contract = contract_lines(done.scorecard, args.home, breach_status) if done.scorecard is not None else []
-    print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home), contract)))
+    contract, basis = (contract_lines(done.scorecard, args.home, breach_status), model_only_lines(done.scorecard)) \
+        if done.scorecard is not None else ([], [])
+    print("\n" + "\n".join(format_summary(done.summary, hand_check_lines(args.home), contract, basis)))
     reports = args.home / "reports"
     if done.scorecard is not None:  # last, where the eye lands: the files to open
         print(f"\ntables: {reports} (scorecard.csv, label_issues.csv, comparisons.csv)\n"

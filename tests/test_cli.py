@@ -14,9 +14,14 @@ import pytest
 import pandas as pd
 
 from ml.config import CONFIG_NAME, SETTING_NAMES, load_settings
+from ml.contract import MODEL_ONLY_CAVEAT
+from ml.delivery import RunSummary
 from ml.scorecard import SCORECARD_COLUMNS
 from ml.wording import count
-from pipelines.cli import NEEDS_HOME, _console_logging, _execute, build_parser, main, open_instance, print_scorecard
+from pipelines.cli import (
+    NEEDS_HOME, _console_logging, _execute, build_parser, format_summary, main, model_only_lines, open_instance,
+    print_scorecard,
+)
 
 CLI = Path(sys.executable).with_name("vendor-audit")
 
@@ -135,13 +140,30 @@ def test_init_refuses_invalid_classes_and_creates_nothing(tmp_path, capsys):
 
 def test_the_printed_scorecard_has_the_contract_columns_and_no_nan_cells(capsys):
     card = pd.DataFrame({**{c: [1] for c in SCORECARD_COLUMNS}, "status": ["rated"], "note": [float("nan")],
-                         "cleanlab_error_rate": [0.1], "model_version": ["3"], "true_error_rate": [0.05]})
+                         "ambiguous_rate": [0.0], "basis": ["model only"], "cleanlab_error_rate": [0.1],
+                         "model_version": ["3"], "true_error_rate": [0.05]})
     print_scorecard(card)
-    header = capsys.readouterr().out.splitlines()[0].split()
-    assert header == [*SCORECARD_COLUMNS, "status", "true_error_rate"]
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == [*SCORECARD_COLUMNS, "status", "basis", "true_error_rate"]
+    assert row.split()[-4:] == ["rated", "model", "only", "0.05"]
     print_scorecard(card, wide=True)
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == list(card.columns) and "NaN" not in out
+
+
+def test_the_run_summary_says_which_verdicts_rest_on_the_model_alone_and_the_checks_to_change_it():
+    # a: model only, undecided against its contract (212 checks to decide); b: model only, no count (100);
+    # c: its rate combines hand checks; d: too few images to rate
+    card = pd.DataFrame({"vendor": ["a", "b", "c", "d"], "n_images": [2000, 2000, 2000, 120],
+                         "status": ["rated"] * 3 + ["too few images to rate"],
+                         "checks_error_rate": [None, None, 0.04, None], "checks_to_decide": [212, None, None, None]})
+    lines = format_summary(RunSummary(), basis=model_only_lines(card))
+    assert lines[-3:] == [
+        f"  {MODEL_ONLY_CAVEAT}",
+        "    a: about 212 planned checks, once answered, would make its verdict check-based: vendor-audit plan --budget 212",
+        "    b: about 100 planned checks, once answered, would make its verdict check-based: vendor-audit plan --budget 100"]
+    assert model_only_lines(card.assign(checks_error_rate=0.04)) == []  # every rate combines hand checks
+    assert "--budget N" in _subparsers(build_parser())["plan"].format_help()  # the option the lines name
 
 
 def test_counted_nouns():

@@ -19,8 +19,8 @@ from assets.scorecard import vendor_scorecard, within_contract
 from ml.check_plan import Plan
 from ml.config import load_settings, write_settings
 from ml.contract import (
-    CONTRACT_COLUMNS, contract_verdicts, limits_changed, unknown_override_vendors, vendor_limits, vendors_by_verdict,
-    verdict_lines, with_contract,
+    CONTRACT_COLUMNS, MODEL_ONLY_CAVEAT, basis_lines, checks_for_basis, contract_verdicts, limits_changed,
+    unknown_override_vendors, vendor_limits, vendors_by_verdict, verdict_lines, with_contract,
 )
 from ml.report import build_report
 from ml.scorecard import RATED, TOO_FEW
@@ -160,6 +160,20 @@ def test_the_basis_says_whether_the_rate_combines_hand_checks():
     }
 
 
+def test_checks_for_basis_take_the_contracts_count_else_a_hundred_at_most_the_images():
+    # b undecided at 5% (its count to decide), a within (no count: 100), c checked, d too small to rate
+    card = _verdicts(0.05, card=_scorecard(checks_error_rate=[np.nan, np.nan, 0.2, np.nan])).reset_index()
+    b_checks = int(card.at[1, "checks_to_decide"])
+    assert checks_for_basis(card).tolist() == [100, b_checks, pd.NA, pd.NA]
+    assert basis_lines(card) == [
+        "a: about 100 planned checks, once answered, would make its verdict check-based: vendor-audit plan --budget 100",
+        f"b: about {b_checks:,} planned checks, once answered, would make its verdict check-based: vendor-audit plan "
+        f"--budget {b_checks}"]
+    # no contract: 100, or every image of a vendor with fewer (a vendor is rated by its status)
+    assert checks_for_basis(_scorecard(n_images=[80, 2000, 2000, 120])).tolist() == [80, 100, 100, pd.NA]
+    assert basis_lines(_scorecard(checks_error_rate=[0.0, 0.04, 0.2, np.nan])) == []  # every rated vendor checked
+
+
 def test_a_contract_edited_since_the_scorecard_is_noticed():
     card = _verdicts(0.05, {"c": 0.25}).reset_index()
     assert not limits_changed(card, vendor_limits(card["vendor"], 0.05, {"c": 0.25}))
@@ -269,7 +283,14 @@ def test_run_exits_4_when_a_vendor_breaches_its_contract(audited_home, tmp_path)
     assert f"    c: drop — breach: {100 * card.at['c', 'error_rate']:.1f}% (" in summary
     assert summary.rstrip().endswith(str(home / "reports" / "report.html"))  # everything printed first
     assert "  c in breach of the contract (exit status 4)" in summary
+    # no hand checks: every verdict rests on the model alone, and the summary says what would change that
+    assert f"\n  {MODEL_ONLY_CAVEAT}\n" in summary
+    for vendor in "abc":  # 300 images each, none undecided: MIN_CHECKS_FOR_NORMAL
+        assert (f"\n    {vendor}: about 100 planned checks, once answered, would make its verdict check-based: "
+                "vendor-audit plan --budget 100\n") in summary
+    assert (card["basis"] == "model only").all()
     report = (home / "reports" / "report.md").read_text()
+    assert MODEL_ONLY_CAVEAT in report.split("## Vendors")[0]
     assert report.split("\n\n")[2].startswith("- **a: pay** — within:")
     assert "\n- **c: drop** — breach: " in report.split("## Summary")[0]
     instance = open_instance(home)

@@ -180,7 +180,7 @@ def test_scorecard_and_issue_tables_follow_the_contract():
     assert issues["cleanlab_flag"].dtype == bool and len(result.baseline_rates) == 2
     assert set(issues["verdict"]) <= {"ok", "error", "ambiguous", "outlier"}
     card = build_scorecard(result.vendors, np.repeat([0, 1], 400), issues["verdict"].to_numpy(), result.rates)
-    assert list(card.columns) == SCORECARD_COLUMNS + ["status", "note", "ambiguous_rate"]
+    assert list(card.columns) == SCORECARD_COLUMNS + ["status", "note", "ambiguous_rate", "basis"]
     assert card["status"].tolist() == ["rated", "rated"]
     assert card["vendor"].tolist() == ["v0", "v1"] and card["rank"].tolist() == [1, 2]
     assert card.loc[1, "n_flagged"] > card.loc[0, "n_flagged"]

@@ -15,12 +15,14 @@ import pytest
 
 from conftest import make_home
 from ml.check_plan import (
-    CheckPlanError, Plan, apply_checks, draw_check_plan, read_plans, vendor_checks,
+    VENDOR_CHECK_COLUMNS, CheckPlanError, Plan, apply_checks, draw_check_plan, read_plans, vendor_checks,
 )
-from ml.contract import CONTRACT_COLUMNS
+from ml.contract import CONTRACT_COLUMNS, with_contract
 from ml.estimate import VendorRates
 from ml.report import build_report
-from ml.scorecard import SCORECARD_CHECK_COLUMNS, SCORECARD_COLUMNS, compare_vendors
+from ml.scorecard import (
+    DISAGREE, SCORECARD_CHECK_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors, rate_basis,
+)
 from pipelines.automation import checks_sensor
 from pipelines.cli import answer_demo_checks, main, open_instance
 from pipelines.resources import AuditHome, MlflowTracking
@@ -128,6 +130,7 @@ def test_answers_fold_into_the_scorecard_without_retraining(loop):
         SCORECARD_CHECK_COLUMNS + ["checks_version"] + CONTRACT_COLUMNS
     drawn = loop.to_check.groupby("vendor").size()
     assert card["n_checked"].to_dict() == {"a": drawn["a"], "b": drawn["b"], "c": drawn["c"] + 1}  # + c's gold image
+    assert card["basis"].to_dict() == {v: f"checked ({n} checks)" for v, n in card["n_checked"].items()}
     assert card["checked_errors"]["a"] == 0 and card["checked_errors"]["c"] > 0
     for vendor in "abc":
         row = card.loc[vendor]
@@ -328,3 +331,74 @@ def test_the_report_has_a_hand_checks_section():
     summary = report.markdown.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
     # the advice to plan names the planner's own figures for the rated vendors (c is too small to rate)
     assert "vendor-audit plan --budget N" in summary and "Checks expected to halve each interval: a 40, b 120." in summary
+
+
+def _card_with_checks(b_checked: tuple[float, float, float], checks: bool = True) -> pd.DataFrame:
+    """A scorecard built as the asset builds it: a and b rated (500 images), c too small (100); the model
+    reads b at 3.5% [1.6, 5.6]; with ``checks``, a's and b's rates combine hand checks (b's combined rate,
+    low, high: ``b_checked``; a's with 1 check), c has none."""
+    names = ["a", "b", "c"]
+    rates = VendorRates(np.array([0.02, 0.035, 0.05]), np.array([0.01, 0.016, 0.02]), np.array([0.04, 0.056, 0.09]),
+                        np.random.default_rng(0).normal([0.02, 0.035, 0.05], 0.01, (200, 3)), np.zeros(3),
+                        np.full(3, 0.8), np.full(3, 0.05), np.array([500, 500, 100]), np.zeros(3, bool))
+    frame = pd.DataFrame({
+        "vendor": names, "n_checked": [1, 84, 0], "checked_errors": [0, 14, 0],
+        "checks_error_rate": [0.0, 0.117, np.nan], "checks_error_rate_low": [0.0, 0.058, np.nan],
+        "checks_error_rate_high": [0.79, 0.221, np.nan], "combined": [True, True, False],
+        "combined_rate": [0.02, b_checked[0], np.nan], "combined_low": [0.0, b_checked[1], np.nan],
+        "combined_high": [0.79, b_checked[2], np.nan], "gold_images": 0, "gold_accuracy": np.nan,
+        "unplanned_checks": 0, "awaiting_answers": 0, "outside_plans": 0, "checks_to_halve": [2, 100, 50]},
+        columns=VENDOR_CHECK_COLUMNS)
+    group = np.repeat([0, 1, 2], [500, 500, 100])
+    return build_scorecard(names, group, np.full(len(group), "ok"), rates, checks=frame if checks else None)
+
+
+DISAGREEING = (0.11, 0.08, 0.14)  # b checked: 11.0% [8.0, 14.0], above the model's 3.5% [1.6, 5.6]
+AGREEING = (0.05, 0.03, 0.08)
+
+
+def test_every_row_names_the_basis_of_its_interval():
+    model_only = _card_with_checks(AGREEING, checks=False)
+    columns = list(model_only.columns)
+    assert columns[columns.index("ambiguous_rate") + 1] == "basis" and columns[-1] == "basis"
+    assert (model_only["basis"] == "model only").all()
+    card = _card_with_checks(AGREEING).set_index("vendor")
+    assert list(card.columns).index("basis") < list(card.columns).index("n_checked")  # before the optional ones
+    assert card["basis"].to_dict() == {"a": "checked (1 check)", "b": "checked (84 checks)", "c": "model only"}
+    assert (rate_basis(card) == pd.Series({"a": "checked", "b": "checked", "c": "model only"})).all()
+    assert not card["note"].str.contains(DISAGREE).any()  # overlapping intervals: nothing to warn of
+
+
+def test_checks_that_disagree_with_the_model_are_said_and_decide_the_verdict():
+    card = _card_with_checks(DISAGREEING)
+    warning = ("hand checks disagree with the model-only estimate (model only 3.5% [1.6, 5.6], checked 11.0% "
+               "[8.0, 14.0]): the model misses some of this vendor's errors (or sees errors that are not there); "
+               "the verdict rests on the checks")
+    assert card.set_index("vendor")["note"].to_dict() == {
+        "a": "", "b": warning, "c": "too few images to rate (100 < 200): no rank, no comparison"}
+    # the contract judges the checked 11.0% [8.0, 14.0], not the model's 3.5% [1.6, 5.6] (which is below 7%)
+    contract = with_contract(card, {"b": 0.07}, _issues(), []).set_index("vendor")
+    assert contract.at["b", "contract_verdict"] == "breach" and contract.at["b", "contract_action"] == "drop"
+    report = _report_of(card)
+    summary = report.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    escaped = warning.replace("[", r"\[").replace("]", r"\]")  # as Markdown writes brackets
+    assert f"- **b**: {escaped}." in summary
+    assert summary.count("hand checks disagree") == 1  # not repeated among the warnings to read
+    assert "b has more errors**: an estimated 11.0% (8.0-14.0%, checked)" in summary
+    # every rated rate combines checks: nothing rests on the model alone, nothing more to plan for it
+    assert "Model-only figures" not in summary and "check-based" not in summary
+    agreeing = _report_of(_card_with_checks(AGREEING))
+    assert "hand checks disagree" not in agreeing
+    assert "**b has more errors**: an estimated 5.0% (3.0-8.0%, checked)" in agreeing
+
+
+def _report_of(card: pd.DataFrame) -> str:
+    """The report's Markdown for ``card`` (vendors a, b, c) on the report tests' other inputs."""
+    from test_report import CLASSES, _confusion, _images, _issues as report_issues, _quarantined
+
+    issues = report_issues()
+    comparisons = pd.DataFrame({"vendor_a": ["a"], "vendor_b": ["b"], "difference": [-0.09], "difference_low": [-0.12],
+                                "difference_high": [-0.06], "p_value": [0.001], "p_holm": [0.001], "p_text": ["0.001"],
+                                "conclusion": ["a has fewer errors than b"]})
+    return build_report(card, comparisons, issues, _confusion(), ["a", "b", "c"], CLASSES, {}, images=_images(issues),
+                        quarantined=_quarantined().iloc[:0], quarantine_warn_share=0.05, n_boot=200).markdown

@@ -80,9 +80,9 @@ def _images(issues: pd.DataFrame, channels: int = 1) -> dict:
     return {i: rng.integers(0, 256, (8, 8, channels), dtype=np.uint8) for i in likely_errors(issues)["image_id"]}
 
 
-def _report(significant: bool = True, annotators=None):
+def _report(significant: bool = True, annotators=None, card=None):
     issues = _issues()
-    return build_report(_scorecard(), _comparisons(significant), issues, _confusion(), VENDORS, CLASSES,
+    return build_report(_scorecard() if card is None else card, _comparisons(significant), issues, _confusion(), VENDORS, CLASSES,
                         {"dataset_version": "3f2a9c", "model": "vendor-audit-classifier v4", "head": "softmax",
                          "mlflow_run": "0123abcd", "generated_at": "2026-01-02 03:04 UTC"},
                         images=_images(issues), quarantined=_quarantined(), quarantine_warn_share=0.05, n_boot=200,
@@ -99,8 +99,8 @@ def test_summary_comes_first_and_names_the_best_vendor_only_when_a_comparison_sa
     assert headings[0] == "Summary"
     assert markdown.index("## Summary") < markdown.index("## Vendors")
     summary = _section(markdown, "Summary")
-    assert "**a is the best vendor**: an estimated 1.2% (0.4-2.5%) of its labels are wrong" in summary
-    assert "**b has more errors**: an estimated 10.5% (7.5-13.7%), 9.3 percentage points more than a " \
+    assert "**a is the best vendor**: an estimated 1.2% (0.4-2.5%, model only) of its labels are wrong" in summary
+    assert "**b has more errors**: an estimated 10.5% (7.5-13.7%, model only), 9.3 percentage points more than a " \
            "(95% interval 6.1 to 12.5, p = 0.0098)" in summary
     assert "**c** delivered 12 images: too few images to rate" in summary
     assert "Holm correction" in summary
@@ -112,7 +112,7 @@ def test_summary_comes_first_and_names_the_best_vendor_only_when_a_comparison_sa
 
     undecided = _section(_report(significant=False).markdown, "Summary")
     assert "best vendor" not in undecided and "more errors" not in undecided and "b, check its" not in undecided
-    assert "No vendor is clearly best. **a** has the lowest estimate (1.2% (0.4-2.5%)), but it is not " \
+    assert "No vendor is clearly best. **a** has the lowest estimate (1.2% (0.4-2.5%, model only)), but it is not " \
            "distinguishable from b with this data." in undecided
     assert "**b and a are not distinguishable with this data**" in undecided
 
@@ -182,6 +182,29 @@ def test_a_lone_vendor_is_reported_as_an_upper_estimate_with_no_comparison_promi
     summary = _section(markdown, "Summary")
     assert "**a** is the only vendor with enough images to rate: at most 2.5% of its labels are wrong" in summary
     assert "an upper estimate" in summary and "Holm" not in summary  # no comparison to correct for
+
+
+def test_model_only_figures_say_so_and_how_many_checks_would_make_them_check_based():
+    from ml.contract import vendor_limits, with_contract
+
+    summary = _section(_report().markdown, "Summary")
+    caveat = ("Model-only figures count the errors the classifier can see; errors it cannot see (for example labels "
+              "copied from a similar model, or errors on genuinely hard images) are not ruled out until hand checks "
+              "are combined.")
+    assert f"\n\n{caveat}\n\nHow sure:" in summary  # its own paragraph, right after the findings
+    # no contract: MIN_CHECKS_FOR_NORMAL per rated vendor; c, too small to rate, is asked for images instead
+    for vendor in ("a", "b"):
+        assert (f"- {vendor}: about 100 planned checks, once answered, would make its verdict check-based: "
+                f"vendor-audit plan --budget 100\n") in summary
+    assert "- c: about" not in summary and "Collect more images from c" in summary
+    # with a contract, an undecided vendor is asked for the checks most likely to decide it
+    card = with_contract(_scorecard(), vendor_limits(VENDORS, 0.1, {}), _issues().assign(verdict="ok"), [])
+    b_checks = int(card.set_index("vendor").at["b", "checks_to_decide"])  # b: 10.5% (7.5-13.7%) around 10%
+    assert b_checks != 100
+    summary = _section(_report(card=card).markdown, "Summary")
+    assert (f"- b: about {b_checks:,} planned checks, once answered, would make its verdict check-based: "
+            f"vendor-audit plan --budget {b_checks}\n") in summary
+    assert "- a: about 100 planned checks" in summary  # within its limit: no count to decide, the default
 
 
 class _Page(HTMLParser):
