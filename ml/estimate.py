@@ -184,6 +184,10 @@ CountedOf = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 MIN_IMAGES_TO_RATE = 200
 MIN_SLOPE = 0.2  # below this the detector barely tells wrong labels from right ones
 PSEUDO_FLIPS = 10  # a vendor's sensitivity is shrunk toward the pooled one with this many pseudo flips
+# Real annotators err where images are hard. Flips drawn with chance proportional to (1 - max clean prior)
+# to this power are as hard to see as CIFAR-10N workers' errors (measured, docs/method.md): the interval's
+# high end allows for errors that hard, since one label per image cannot tell how hard a vendor's are.
+HARD_ERRORS_HARDNESS = 2.0
 
 
 def _all_counted(clean_prior: np.ndarray, labels: np.ndarray, p_error: np.ndarray) -> np.ndarray:
@@ -379,8 +383,8 @@ def vendor_error_rates(
     interval is at least as wide as the exact binomial interval of the vendor's image count. Its ends
     allow for what the data cannot tell (docs/method.md): the low end for the classifier's own
     confident mistakes (:func:`classifier_allowance`), the high end for errors as hard to see as flips
-    shaped like the vendor's fitted confusion (``s`` from :func:`inject_flips` with
-    ``like_confusion``, where lower).
+    shaped like the vendor's fitted confusion or placed on the images the classifier is unsure of
+    (``s`` from :func:`inject_flips` with ``like_confusion`` or ``hardness``, where lower).
 
     ``counted_of(clean_prior, labels, p_error)`` (N,) bool marks labels whose p_error counts as an
     error (ambiguous images excluded); ``model`` is the fit on ``given`` when already at hand.
@@ -405,6 +409,8 @@ def vendor_error_rates(
     flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys, trained=trained)
     shaped_flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys,
                                 trained=trained, like_confusion=True)
+    hard_flips = inject_flips(probs, given, vendor, model, counted_of, seed=seed, draw_keys=draw_keys,
+                              trained=trained, hardness=HARD_ERRORS_HARDNESS)
     sensitivity = flips.sensitivity()
     slope = sensitivity - false_positive
     weak = slope < MIN_SLOPE
@@ -427,18 +433,19 @@ def vendor_error_rates(
     groups = [np.flatnonzero(vendor == v) for v in range(n_vendors)]
     flip_groups = [np.flatnonzero(flips.vendor == v) for v in range(n_vendors)]
     shaped_groups = [np.flatnonzero(shaped_flips.vendor == v) for v in range(n_vendors)]
+    hard_groups = [np.flatnonzero(hard_flips.vendor == v) for v in range(n_vendors)]
     # one generator per vendor, seeded by its name: its draws do not depend on the other vendors
     generators = [np.random.default_rng(_vendor_seed(seed, name)) for name in names]
-    # the replicates as estimated, with the classifier allowance (low end), and with the sensitivity of
-    # errors shaped like the vendor's confusions where lower (high end)
+    # the replicates as estimated, with the classifier allowance (low end), and with the lowest
+    # sensitivity of errors shaped like the vendor's confusions or placed on hard images (high end)
     boot, boot_low, boot_high = (np.empty((n_boot, n_vendors)) for _ in range(3))
     for b in range(n_boot):
         # resample images within each vendor, as counts; warm-start EM from the full fit. The flips
         # are resampled too, so that the interval carries the uncertainty of the measured sensitivity
         weight = np.zeros(len(given))
-        flip_weight, shaped_weight = np.zeros(len(flips.vendor)), np.zeros(len(shaped_flips.vendor))
-        for members, rng in zip(zip(groups, flip_groups, shaped_groups), generators):
-            for out, m in zip((weight, flip_weight, shaped_weight), members):
+        flip_weight, shaped_weight, hard_weight = (np.zeros(len(f.vendor)) for f in (flips, shaped_flips, hard_flips))
+        for members, rng in zip(zip(groups, flip_groups, shaped_groups, hard_groups), generators):
+            for out, m in zip((weight, flip_weight, shaped_weight, hard_weight), members):
                 if len(m):
                     out[m] = rng.multinomial(len(m), np.full(len(m), 1.0 / len(m)))
         kept = np.flatnonzero(weight)  # about 37% of images are not drawn: leave them out of the refit
@@ -448,7 +455,8 @@ def vendor_error_rates(
         replicate_raw, replicate_sensitivity = rates(refit, weight[kept], kept), flips.sensitivity(flip_weight)
         boot[b] = corrected(replicate_raw, replicate_sensitivity)
         boot_low[b] = corrected(replicate_raw, replicate_sensitivity, allowance(replicate_raw))
-        boot_high[b] = corrected(replicate_raw, np.minimum(replicate_sensitivity, shaped_flips.sensitivity(shaped_weight)))
+        hardest = np.minimum(shaped_flips.sensitivity(shaped_weight), hard_flips.sensitivity(hard_weight))
+        boot_high[b] = corrected(replicate_raw, np.minimum(replicate_sensitivity, hardest))
 
     def percentile(replicates: np.ndarray, q: float, centre: np.ndarray) -> np.ndarray:
         # the percentile interval is centred on the bootstrap mean; recentre it on its point estimate
@@ -456,8 +464,8 @@ def vendor_error_rates(
 
     low = np.minimum(percentile(boot, 2.5, point),
                      percentile(boot_low, 2.5, corrected(raw, sensitivity, allowance(raw))))
-    high = np.maximum(percentile(boot, 97.5, point),
-                      percentile(boot_high, 97.5, corrected(raw, np.minimum(sensitivity, shaped_flips.sensitivity()))))
+    hardest = np.minimum(sensitivity, np.minimum(shaped_flips.sensitivity(), hard_flips.sensitivity()))
+    high = np.maximum(percentile(boot, 97.5, point), percentile(boot_high, 97.5, corrected(raw, hardest)))
     exact_low, exact_high = exact_binomial_interval(point, n_images)
     low = np.minimum(np.clip(low, 0, 1), exact_low)
     high = np.maximum(np.clip(high, 0, 1), exact_high)

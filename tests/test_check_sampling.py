@@ -124,3 +124,36 @@ def test_more_checks_are_needed_for_a_narrower_interval(vendors):
     sure = np.full(len(f), 0.001)
     few = inclusion_probabilities(sure, np.zeros(len(f), int), np.array([30]))
     assert expected_interval(sure, few, 0.0)[1] > 0.05
+
+
+def copies_confident_mistakes(copy_share=0.01, n_per_vendor=1500, seed=1, mistaken_share=0.06):
+    """Two vendors with 5% errors on random images; the second also copies the classifier's own
+    confident mistakes on ``copy_share`` of its images (a vendor that pre-labels with a model like
+    ours): errors the model gives a probability of error near 0, which only checks can find."""
+    probs, given, true, vendor = synthetic([0.05, 0.05], n_per_vendor=n_per_vendor, seed=seed)
+    k = probs.shape[1]
+    rng = np.random.default_rng(seed + 100)
+    mistaken = np.flatnonzero(rng.random(len(true)) < mistaken_share)
+    probs[mistaken] = 0.002
+    probs[mistaken, (true[mistaken] + rng.integers(1, k, len(mistaken))) % k] = 1 - 0.002 * (k - 1)
+    copied = rng.choice(mistaken[vendor[mistaken] == 1], int(copy_share * n_per_vendor), replace=False)
+    given[copied] = probs[copied].argmax(axis=1)
+    return probs, given, true, vendor, copied
+
+
+def test_the_combined_interval_covers_errors_the_model_cannot_see():
+    probs, given, true, vendor, copied = copies_confident_mistakes()
+    f = fit_noise_model(probs, given, vendor).p_error(given)
+    assert f[copied].max() < 0.05  # the model all but rules these errors out
+    wrong = given != true
+    truth = np.array([wrong[vendor == v].mean() for v in range(2)])
+    keys = np.arange(len(given)).astype(str)
+    pi = inclusion_probabilities(f, vendor, np.array([100, 100]))
+    covered = np.zeros(2)
+    replicates = 200
+    for r in range(replicates):
+        rates = checked_error_rates(f, draw_plan(pi, keys, r), wrong, pi, vendor, 2)
+        covered += (rates.low <= truth) & (truth <= rates.high)
+    # 95% intervals: at least 94% of 200 draws (the Wilson interval at the effective n with the
+    # residual and design variances alone covered 92% and 91% here)
+    assert np.all(covered / replicates >= 0.94), covered / replicates

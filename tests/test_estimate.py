@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS, run_audit
-from ml.estimate import (apply_temperature, confusion_shaped_targets, fit_noise_model, fit_temperature, inject_flips,
-                         vendor_error_rates)
+import ml.estimate
+from ml.estimate import (apply_temperature, confusion_shaped_targets, fit_noise_model, fit_temperature,
+                         hard_image_weights, inject_flips, vendor_error_rates)
 from ml.issues import cleanlab_baseline, outlier_scores
 from ml.scorecard import COMPARISON_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors
 
@@ -152,6 +153,47 @@ def test_confusion_shaped_flips_go_where_the_vendors_errors_go_and_are_harder_to
     result = vendor_error_rates(probs, given, vendor, model=model, n_boot=40)
     truth = np.array([(given != true)[vendor == v].mean() for v in range(3)])
     assert np.all((result.low <= truth) & (truth <= result.high)), (result.low, result.high, truth)
+
+
+def errors_on_hard_images(rates, n_per_vendor=1200, k=10, seed=0, power=2.0):
+    """:func:`synthetic`'s calibrated classifier, but each vendor errs on images with a chance growing
+    as ``(1 - the classifier's top probability) ** power``: like people, on the images it is unsure of."""
+    clean, _, true, vendor = synthetic([0.0] * len(rates), n_per_vendor, k, seed)
+    rng = np.random.default_rng(seed + 7)
+    doubt = (1 - clean.max(axis=1)) ** power
+    given = true.copy()
+    for v, rate in enumerate(rates):
+        members = np.flatnonzero(vendor == v)
+        wrong = rng.choice(members, int(round(rate * len(members))), replace=False,
+                           p=doubt[members] / doubt[members].sum())
+        given[wrong] = (true[wrong] + rng.integers(1, k, len(wrong))) % k
+    mean_noise = np.mean(rates)
+    return clean * (1 - mean_noise) + (1 - clean) * mean_noise / (k - 1), given, true, vendor
+
+
+def test_errors_on_hard_images_are_less_visible_and_the_interval_allows_for_them(monkeypatch):
+    rates = [0.0, 0.1, 0.2, 0.3]
+    probs, given, true, vendor = errors_on_hard_images(rates)
+    truth = np.array([(given != true)[vendor == v].mean() for v in range(4)])
+    model = fit_noise_model(probs, given, vendor)
+    # flips drawn where the classifier is unsure are harder to see than flips on random images, as
+    # the vendors' real errors are
+    anywhere = inject_flips(probs, given, vendor, model, repeats=4).sensitivity()
+    hard = inject_flips(probs, given, vendor, model, repeats=4, hardness=2.0).sensitivity()
+    real = np.array([model.p_error(given)[(vendor == v) & (given != true)].mean() for v in (1, 2, 3)])
+    assert np.all(hard[1:] < anywhere[1:] - 0.1) and np.all(real < anywhere[1:] - 0.1), (anywhere, hard, real)
+    weights = hard_image_weights(model.clean_prior, vendor, 2.0)
+    np.testing.assert_allclose(np.bincount(vendor, weights=weights) / np.bincount(vendor), 1.0)
+
+    result = vendor_error_rates(probs, given, vendor, model=model, n_boot=30)
+    # the point estimate reads them low, as flips on random images would have it ...
+    assert np.all(result.rate[1:] < truth[1:] - 0.03), (result.rate, truth)
+    # ... and the interval's high end allows for errors this hard to see
+    assert np.all((result.low <= truth) & (truth <= result.high)), (result.low, result.high, truth)
+    # without that allowance, the intervals of the vendors that err most miss
+    monkeypatch.setattr(ml.estimate, "HARD_ERRORS_HARDNESS", 0.0)
+    uniform_only = vendor_error_rates(probs, given, vendor, model=model, n_boot=30)
+    assert np.all(uniform_only.high[2:] < truth[2:]), (uniform_only.high, truth)
 
 
 def test_intervals_cover_and_pairwise_tests_separate_distinct_vendors():
