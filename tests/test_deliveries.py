@@ -26,9 +26,10 @@ def test_a_worse_delivery_stands_out_from_its_vendors_earlier_ones_and_small_one
     names = np.where(vendor == 4, "v1", "v0")
     batches = np.array(["batch-1", "batch-2", "batch-3", "batch-4", "batch-1"])[vendor]
     result, issues = _audit(names, batches, given, probs)
+    arrived = {"v0/batch-1": "2026-01-01T00:00:00+00:00", "v0/batch-3": "2026-03-01T00:00:00+00:00"}
     table = delivery_table(result.deliveries, issues["verdict"].to_numpy(),
                            dict(zip(result.vendors, result.rates.upper_only)), result.heldout_accuracy, 10,
-                           {"v0/batch-1": "2026-01-01T00:00:00+00:00", "v0/batch-3": "2026-03-01T00:00:00+00:00"})
+                           arrived)
     assert list(table.columns[:len(DELIVERY_COLUMNS)]) == DELIVERY_COLUMNS
     by = table.set_index(["vendor", "delivery"])
     assert sorted(by.index) == [("v0", "batch-1"), ("v0", "batch-2"), ("v0", "batch-3"), ("v0", "batch-4"),
@@ -37,7 +38,12 @@ def test_a_worse_delivery_stands_out_from_its_vendors_earlier_ones_and_small_one
     rated = by[by["status"] == "rated"]
     for key, row in rated.iterrows():  # every rated delivery's interval covers its true rate
         assert row.error_rate_low <= truth[key] <= row.error_rate_high, (key, truth[key], row.to_dict())
-    assert by.loc[("v0", "batch-3"), "error_rate_low"] > by.loc[("v0", "batch-1"), "error_rate_high"]
+    # with a 72% classifier the model-only intervals allow for errors as hard to see as the classifier's
+    # own doubts, so they are wide and may overlap; batch-3's still excludes the vendor's earlier quality,
+    # and the worsening test, whose bootstrap differences cancel what the deliveries share, calls it
+    assert by.loc[("v0", "batch-3"), "error_rate_low"] > max(truth[("v0", "batch-1")], truth[("v0", "batch-2")])
+    worse = worsening(result.deliveries, arrived).set_index("vendor")
+    assert worse.loc["v0", "newest"] == "batch-3" and bool(worse.loc["v0", "worse"])
     assert by.loc[("v0", "batch-4"), "status"].startswith("too few images") and by.loc[("v0", "batch-4"), "n_images"] == 150
     assert (by["basis"] == "model only").all()
     assert by.loc[("v0", "batch-3"), "delivered_at"] == "2026-03-01T00:00:00+00:00"
