@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-packages demo test bench ui mlflow-ui
+.PHONY: install system-packages label-studio demo test bench ui mlflow-ui
 
 # Debian packages: the Fashion-MNIST demo data and headless Chromium for the UI screenshots
 # (needs root: run as root or with sudo available)
@@ -24,6 +24,17 @@ $(STAMP): pyproject.toml
 
 install: system-packages $(STAMP)
 
+# Label Studio, in a venv of its own (its pins clash with the project's): the hand-check round trip's tests
+# start its server; a checker's own Label Studio can be any install of the same major version.
+LS_VENV ?= .ls-venv
+LS_STAMP := $(LS_VENV)/.installed
+$(LS_STAMP): requirements-label-studio.txt
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q -r requirements-label-studio.txt
+	touch $(LS_STAMP)
+
+label-studio: $(LS_STAMP)
+
 # The demo in ./home is the project's DVC pipeline (dvc.yaml, params.yaml): `dvc repro` simulates, audits and
 # records dvc.lock, so `dvc status` is clean afterwards and a later `dvc repro` does nothing until params.yaml
 # or the home's settings change. Another AUDIT_HOME gets the same demo without the pipeline.
@@ -34,8 +45,8 @@ else
 	$(BIN)/vendor-audit demo --home $(AUDIT_HOME)
 endif
 
-test: install
-	$(BIN)/python -m pytest -q --durations=15
+test: install label-studio
+	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/python -m pytest -q --durations=15
 
 ui: install
 	$(BIN)/vendor-audit ui --home $(AUDIT_HOME)

@@ -8,7 +8,7 @@ from assets.dataset import curated_dataset
 from ml.check_plan import (
     answer_file_rows, answers_fingerprint, chosen_answers, collect_answers, write_answers_state,
 )
-from ml.checks import read_checks, read_gold, write_check_quarantine
+from ml.checks import GOLD_SUFFIXES, read_checks, read_gold, write_check_quarantine
 from ml.delivery import DeliveryError, load_curated_rows
 from ml.files import atomic_write_csv
 from pipelines.locks import DVC_POOL
@@ -47,7 +47,7 @@ def hand_checks(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: D
     versions = dvc.snapshot_folders(dvc.answer_folders())
     write_answers_state(audit_home.checks_state, read=fingerprint, versions=versions)
 
-    n_rows = answer_file_rows(audit_home.checks, "image_id") + answer_file_rows(audit_home.gold, "sha256")
+    n_rows = answer_file_rows(audit_home.checks, "image_id") + answer_file_rows(audit_home.gold, "sha256", GOLD_SUFFIXES)
     accepted = len(checks) + len(gold)
     quarantined = len(checks_quarantine) + len(gold_quarantine)
     used = chosen_answers(answers)

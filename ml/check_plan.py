@@ -34,8 +34,8 @@ from ml.check_sampling import (
     LEVEL, MIN_ERRORS_FOR_NORMAL, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
     expected_interval, inclusion_probabilities,
 )
-from ml.checks import LABEL_SEPARATOR, gold_checks, label_in_set
-from ml.delivery import DeliveryError, read_csv_columns
+from ml.checks import CHECK_SUFFIXES, LABEL_SEPARATOR, answer_files, gold_checks, label_in_set, read_file_rows
+from ml.delivery import DeliveryError
 from ml.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
 
 PLAN_COLUMNS = ["image_id", "vendor", "inclusion_probability", "drawn"]
@@ -554,12 +554,12 @@ def answers_from_truth(to_check: pd.DataFrame, truth: pd.DataFrame, checker: str
 
 
 def answers_fingerprint(*folders: Path) -> str:
-    """A cheap fingerprint of the answer files (the ``*.csv`` in ``folders``): their names, sizes and
-    modification times, "" when there is none. It changes when a file is added, removed or rewritten,
-    without reading any."""
+    """A cheap fingerprint of the answer files in ``folders`` (:func:`ml.checks.answer_files`): their
+    names, sizes and modification times, "" when there is none. It changes when a file is added,
+    removed or rewritten, without reading any."""
     entries = []
     for folder in folders:
-        for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        for path in answer_files(folder):
             stat = path.stat()
             entries.append(f"{folder.name}/{path.name}\t{stat.st_size}\t{stat.st_mtime_ns}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest() if entries else ""
@@ -582,14 +582,16 @@ def write_answers_state(path: Path, **values) -> None:
     atomic_write_text(path, json.dumps(state, indent=2, sort_keys=True))
 
 
-def answer_file_rows(folder: Path, key_column: str) -> int:
+def answer_file_rows(folder: Path, key_column: str, suffixes: tuple[str, ...] = CHECK_SUFFIXES) -> int:
     """The rows the answer files hold, counted apart from their validation: the non-blank data rows of
-    each readable ``*.csv`` file in ``folder``, and 1 for a file that cannot be read as a whole (it is
+    each readable answer file in ``folder`` (a Label Studio export: its answers and the tasks its
+    format rejects; CVAT: its images), and 1 for a file that cannot be read as a whole (it is
     quarantined as one row)."""
     total = 0
-    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+    for path in answer_files(folder, suffixes):
         try:
-            total += len(read_csv_columns(path, (key_column, "true_labels")))
+            rows, rejected = read_file_rows(path, key_column, ())
+            total += len(rows) + len(rejected)
         except DeliveryError:
             total += 1
     return total

@@ -1,7 +1,9 @@
 """Hand-check answers and gold (honeypot) images: reading and validating the files people fill in.
 
-Answers are ``DIR/checks/<name>.csv`` (``image_id, true_labels``, optional ``checker, checked_at``);
-gold is ``DIR/gold/<name>.csv`` (``sha256`` of the image file, ``true_labels``). ``true_labels`` is
+Answers are ``DIR/checks/<name>.csv`` (``image_id, true_labels``, optional ``checker, checked_at``), or
+the exports of the tools checkers work in, dropped in the same folder as they come: Label Studio's
+JSON export (``<name>.json``, :mod:`ml.labelstudio`) and CVAT's "CVAT for images 1.1" XML
+(``<name>.xml``, :mod:`ml.cvat`); gold is ``DIR/gold/<name>.csv`` (``sha256`` of the image file, ``true_labels``). ``true_labels`` is
 one class name, or several joined by ``|`` when the image truly shows more than one (a plausible
 set): a given label inside the set is correct, outside it an error.
 
@@ -26,6 +28,8 @@ GOLD_COLUMNS = ["sha256", "true_labels", "file", "row"]
 CHECK_QUARANTINE_COLUMNS = ["file", "row", "key", "true_labels", "reason"]
 LABEL_SEPARATOR = "|"
 QUARANTINE_KINDS = ("checks", "gold")
+CHECK_SUFFIXES = (".csv", ".json", ".xml")  # CSV, Label Studio's JSON export, CVAT for images XML
+GOLD_SUFFIXES = (".csv",)
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -68,12 +72,33 @@ def parse_label_set(text: str, classes: tuple[str, ...]) -> str:
     return _parse_label_set(text, _class_lookup(classes))
 
 
-def _answer_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.csv"), key=lambda path: path.name) if folder.is_dir() else []
+def answer_files(folder: Path, suffixes: tuple[str, ...] = CHECK_SUFFIXES) -> list[Path]:
+    """The answer files in ``folder`` (those with one of ``suffixes``), in file-name order."""
+    if not folder.is_dir():
+        return []
+    return sorted((path for path in folder.iterdir() if path.suffix.lower() in suffixes and not path.is_dir()),
+                  key=lambda path: path.name)
+
+
+def read_file_rows(path: Path, key_column: str, optional: tuple[str, ...],
+                   image_ids=()) -> tuple[list[dict], list[dict]]:
+    """The rows of one answer file before validation: ``(rows, quarantined)``.
+
+    ``rows`` are dicts of ``key_column``, ``true_labels``, ``optional`` and ``row``, as written;
+    ``quarantined`` the rows the file's own format already rejects (a Label Studio task skipped or
+    not answered, a CVAT image with no tag), with ``row``, ``key``, ``true_labels`` and ``reason``.
+    Raises DeliveryError when the file cannot be read as a whole.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return read_csv_columns(path, (key_column, "true_labels"), optional).to_dict("records"), []
+    from ml import cvat, labelstudio
+
+    return labelstudio.read_export(path) if suffix == ".json" else cvat.read_export(path, image_ids)
 
 
 def _read_answers(folder: Path, key_column: str, optional: tuple[str, ...], check_key,
-                  classes: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+                  classes: tuple[str, ...], suffixes: tuple[str, ...], image_ids=()) -> tuple[list[dict], list[dict]]:
     """Shared by :func:`read_checks` and :func:`read_gold`: validate every row of every answer file.
 
     ``check_key(raw) -> key`` returns the normalised key of a row or raises ValueError with the reason.
@@ -83,13 +108,14 @@ def _read_answers(folder: Path, key_column: str, optional: tuple[str, ...], chec
     lookup = _class_lookup(classes)
     accepted, quarantined = [], []
     first_answer: dict[str, tuple[str, int, str]] = {}  # key -> (file, row, canonical set)
-    for path in _answer_files(folder):
+    for path in answer_files(folder, suffixes):
         try:
-            table = read_csv_columns(path, (key_column, "true_labels"), optional)
+            records, rejected = read_file_rows(path, key_column, optional, image_ids)
         except DeliveryError as exc:  # unusable as a whole: one row, the reason names the file
             quarantined.append({"file": path.name, "row": 0, "key": "", "true_labels": "", "reason": str(exc)})
             continue
-        for record in table.to_dict("records"):
+        quarantined.extend({"file": path.name, **record} for record in rejected)
+        for record in records:
             raw_key, raw_labels = record[key_column], record["true_labels"]
             try:
                 key = check_key(raw_key)
@@ -105,7 +131,7 @@ def _read_answers(folder: Path, key_column: str, optional: tuple[str, ...], chec
                 continue
             first_answer[key] = (path.name, record["row"], labels)
             accepted.append({key_column: key, "true_labels": labels,
-                             **{column: record[column].strip() for column in optional},
+                             **{column: str(record[column]).strip() for column in optional},
                              "file": path.name, "row": record["row"]})
     return accepted, quarantined
 
@@ -117,7 +143,8 @@ def _frame(records: list[dict], columns: list[str]) -> pd.DataFrame:
 
 def read_checks(folder: Path, classes: tuple[str, ...],
                 image_ids: set[str] | pd.Index) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read and validate every hand-check answer file ``folder/*.csv``, in file-name order.
+    """Read and validate every hand-check answer file in ``folder`` (``*.csv``, Label Studio ``*.json``,
+    CVAT ``*.xml``), in file-name order.
 
     A row is quarantined for an empty or unknown image id (ids match ``image_ids`` exactly, after
     surrounding spaces are removed), an empty answer or unknown class (see :func:`parse_label_set`),
@@ -147,7 +174,8 @@ def read_checks(folder: Path, classes: tuple[str, ...],
             raise ValueError(f"unknown image id {image_id!r}")
         return image_id
 
-    accepted, quarantined = _read_answers(folder, "image_id", ("checker", "checked_at"), check_id, classes)
+    accepted, quarantined = _read_answers(folder, "image_id", ("checker", "checked_at"), check_id, classes,
+                                          CHECK_SUFFIXES, image_ids)
     return _frame(accepted, CHECK_COLUMNS), _frame(quarantined, CHECK_QUARANTINE_COLUMNS)
 
 
@@ -174,7 +202,7 @@ def read_gold(folder: Path, classes: tuple[str, ...]) -> tuple[pd.DataFrame, pd.
             raise ValueError(f"bad sha256 digest {raw.strip()!r} (expected 64 hexadecimal characters)")
         return digest
 
-    accepted, quarantined = _read_answers(folder, "sha256", (), check_digest, classes)
+    accepted, quarantined = _read_answers(folder, "sha256", (), check_digest, classes, GOLD_SUFFIXES)
     return _frame(accepted, GOLD_COLUMNS), _frame(quarantined, CHECK_QUARANTINE_COLUMNS)
 
 

@@ -65,6 +65,8 @@ class Settings:
     training: Annotated[str, Strict()] = "auto"  # probe, finetune, or auto (finetune on a GPU, probe on a CPU)
     contract_max_error_rate: ErrorRateLimit | None = None  # null: no contract (ml.contract)
     contract_overrides: dict[str, ErrorRateLimit] = Field(default_factory=dict)  # vendor -> its own limit
+    label_studio_url: Annotated[str, Strict()] = ""  # the server checks pull answers from; empty: none
+    label_studio_project: Annotated[StrictInt, Field(ge=1)] | None = None  # its project of hand checks
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -205,6 +207,8 @@ RULES = {
     "contract_max_error_rate": "null (no contract), or a number between 0 and 1 (exclusive), e.g. 0.05 for 5%",
     "contract_overrides": "a mapping of vendor names to numbers between 0 and 1 (exclusive), e.g. {acme: 0.05}; {} "
                           "for none",
+    "label_studio_url": "a string: the Label Studio server's address, e.g. http://127.0.0.1:8080; empty for none",
+    "label_studio_project": "null, or the id (an integer >= 1) of the Label Studio project of hand checks",
 }
 # What each setting means, for the comments of a written settings file (README: Settings).
 HELP = {
@@ -233,6 +237,9 @@ HELP = {
     "contract_max_error_rate": "0 to 1 (exclusive): the contract's highest error rate; a vendor's 95% interval above "
                                "it: drop, below it: pay, around it: warn; null: no contract",
     "contract_overrides": "{vendor: rate, ...}: a vendor's own limit, in place of contract_max_error_rate; {}: none",
+    "label_studio_url": "Label Studio server that vendor-audit checks pull reads answers from (its token: the "
+                        "environment variable LABEL_STUDIO_API_KEY, never this file); empty: none",
+    "label_studio_project": "the id of its project of hand checks (in the project's URL); null: none",
 }
 SETTINGS_HEADER = ("# vendor-audit settings, checked strictly before every run: an unknown name or a value of the "
                    "wrong type stops it\n# with a message naming the setting. The README's section Settings "

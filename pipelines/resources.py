@@ -455,6 +455,12 @@ class DvcRepo(dg.ConfigurableResource):
                 return None
             return self._commit(f"audit {dataset_version}: scorecard by {model}", list(AUDIT_FILES))
 
+    def record_snapshot(self, folder: str, message: str) -> str | None:
+        """Commit a folder's version (its ``.dvc`` file, after :meth:`snapshot`) as ``message``. Returns
+        the commit id; None when that version is committed already."""
+        with self._exclusive():
+            return self._commit(message, [f"{folder}.dvc", ".gitignore"])
+
     def _commit(self, message: str, paths: list[str]) -> str | None:
         root = self.audit_home.root
         present = [p for p in paths if (root / p).exists()]

@@ -210,7 +210,7 @@ def test_scorecard_is_requested_declaratively_when_label_issues_updates(tmp_path
 
 
 def test_pools_are_declared_in_code_and_set_on_the_home_instance(tmp_path):
-    from pipelines.cli import open_instance
+    from pipelines.home import open_instance
     from pipelines.locks import POOL_LIMITS
 
     defs = build_definitions(str(tmp_path))

@@ -18,17 +18,25 @@ from ml.contract import MODEL_ONLY_CAVEAT
 from ml.delivery import RunSummary
 from ml.scorecard import SCORECARD_COLUMNS
 from ml.wording import count
-from pipelines.cli import (
-    NEEDS_HOME, _console_logging, _execute, build_parser, format_summary, main, model_only_lines, open_instance,
-    print_scorecard,
-)
+from pipelines.audit_run import _execute
+from pipelines.cli import build_parser, main
+from pipelines.console import console_logging
+from pipelines.home import open_instance
+from pipelines.summary import format_summary, model_only_lines, print_scorecard
 
 CLI = Path(sys.executable).with_name("vendor-audit")
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return dict(action.choices)
+def _commands(parser: argparse.ArgumentParser, words: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every command's parser by its words after ``vendor-audit``: a command group's own commands too
+    (``GROUP NAME``)."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                found[words + name] = command
+                found |= _commands(command, f"{words}{name} ")
+    return found
 
 
 def _option_entries(help_text: str) -> dict[str, str]:
@@ -52,7 +60,7 @@ def test_version_is_the_installed_package_version():
 
 
 def test_help_of_every_command_names_a_default_for_each_option():
-    commands = _subparsers(build_parser())
+    commands = _commands(build_parser())
     assert {"simulate", "demo", "run", "plan", "datasets", "checkout", "ui", "mlflow-ui"} <= set(commands)
     for name, parser in commands.items():
         entries = _option_entries(parser.format_help())
@@ -68,11 +76,23 @@ def test_help_runs_as_a_command():
     assert done.returncode == 0 and "--retrain" in done.stdout and "(default: off)" in done.stdout
 
 
-@pytest.mark.parametrize("command", NEEDS_HOME)
+def test_every_command_has_a_handler_and_says_whether_it_needs_a_home():
+    commands = _commands(build_parser())
+    leaves = {name: parser for name, parser in commands.items() if not _commands(parser)}
+    for name, parser in leaves.items():
+        assert callable(parser.get_default("handler")) and parser.get_default("needs_home") in (True, False), name
+    # the commands that create a home
+    assert {name for name, parser in leaves.items() if not parser.get_default("needs_home")} == \
+        {"init", "simulate", "demo", "bench", "bench-checks", "bench-incremental"}
+
+
+@pytest.mark.parametrize("command", [name for name, parser in _commands(build_parser()).items()
+                                     if parser.get_default("needs_home")])
 def test_a_missing_home_is_a_usage_error_naming_the_command_that_creates_one(command, tmp_path, capsys):
     home = tmp_path / "typo"
-    extra = {"plan": ["--budget", "5"], "checkout": ["--dataset-version", "1"]}.get(command, [])
-    assert main([command, "--home", str(home), *extra]) == 2
+    extra = {"plan": ["--budget", "5"], "checkout": ["--dataset-version", "1"],
+             "checks export": ["--to", "cvat"]}.get(command, [])
+    assert main([*command.split(), "--home", str(home), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vendor-audit: error: {home}: no such vendor-audit home")
     assert f"vendor-audit simulate --home {home}" in err and f"vendor-audit demo --home {home}" in err
@@ -98,7 +118,7 @@ def test_library_log_lines_print_once_during_a_run(tmp_path, capfd):
     def probe_job():
         probe()
 
-    _console_logging("ml", level=logging.DEBUG)
+    console_logging("ml", level=logging.DEBUG)
     root = logging.getLogger()
     library_handler = logging.StreamHandler(sys.stderr)  # as a library configuring the root logger would
     root.addHandler(library_handler)
@@ -163,7 +183,7 @@ def test_the_run_summary_says_which_verdicts_rest_on_the_model_alone_and_the_che
         "    a: about 212 planned checks, once answered, would make its verdict check-based: vendor-audit plan --budget 212",
         "    b: about 100 planned checks, once answered, would make its verdict check-based: vendor-audit plan --budget 100"]
     assert model_only_lines(card.assign(checks_error_rate=0.04)) == []  # every rate combines hand checks
-    assert "--budget N" in _subparsers(build_parser())["plan"].format_help()  # the option the lines name
+    assert "--budget N" in _commands(build_parser())["plan"].format_help()  # the option the lines name
 
 
 def test_counted_nouns():

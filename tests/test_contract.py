@@ -24,7 +24,8 @@ from ml.contract import (
 )
 from ml.report import build_report
 from ml.scorecard import RATED, TOO_FEW
-from pipelines.cli import main, open_instance
+from pipelines.cli import main
+from pipelines.home import open_instance
 from pipelines.resources import DVC_PIPELINE, AuditHome, DvcRepo, MlflowTracking
 
 BIN = Path(sys.executable).parent

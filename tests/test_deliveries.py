@@ -66,7 +66,7 @@ def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited
     vendor's (same images, same noise model groups); each partition carries its rate."""
     import dagster as dg
 
-    from pipelines.cli import open_instance
+    from pipelines.home import open_instance
 
     table = pd.read_csv(audited_home / "reports" / "deliveries.csv", keep_default_na=False)
     card = pd.read_csv(audited_home / "reports" / "scorecard.csv").set_index("vendor")

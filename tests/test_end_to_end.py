@@ -13,7 +13,8 @@ from ml.audit import ISSUE_COLUMNS
 from ml.scorecard import SCORECARD_COLUMNS
 from ml.datasets import load_digits_upscaled
 from ml.simulate import simulate_deliveries
-from pipelines.cli import main, open_instance
+from pipelines.cli import main
+from pipelines.home import open_instance
 
 
 def test_scorecard_ranks_vendors_by_their_true_error_rates(audited_home):

@@ -24,7 +24,9 @@ from ml.scorecard import (
     DISAGREE, SCORECARD_CHECK_COLUMNS, SCORECARD_COLUMNS, build_scorecard, compare_vendors, rate_basis,
 )
 from pipelines.automation import checks_sensor
-from pipelines.cli import answer_demo_checks, main, open_instance
+from pipelines.cli import main
+from pipelines.commands.demo import answer_demo_checks
+from pipelines.home import open_instance
 from pipelines.resources import AuditHome, MlflowTracking
 
 BUDGET = 30

@@ -12,7 +12,8 @@ import pandas as pd
 from conftest import make_home
 from ml.datasets import load_digits_upscaled
 from ml.simulate import simulate_deliveries
-from pipelines.cli import dataset_versions, main
+from pipelines.cli import main
+from pipelines.commands.datasets import dataset_versions
 
 BIN = Path(sys.executable).parent
 QUICK = dict(epochs=3, heads=("softmax",))  # enough to score; these tests are about versions, not accuracy

@@ -18,7 +18,7 @@ from conftest import FAST
 from ml.check_plan import answers_from_truth
 from ml.config import CONFIG_NAME, SETTING_NAMES, Settings, load_settings, write_settings
 from ml.datasets import load_digits_upscaled
-from pipelines.cli import dataset_versions
+from pipelines.commands.datasets import dataset_versions
 
 PROJECT = Path(__file__).resolve().parent.parent
 README = PROJECT / "README.md"

@@ -8,7 +8,9 @@ import yaml
 
 from conftest import make_home
 from ml.delivery import DeliveryOutcome, IgnoredFolder, RunSummary, vendor_notes
-from pipelines.cli import format_summary, main, open_instance
+from pipelines.cli import main
+from pipelines.home import open_instance
+from pipelines.summary import format_summary
 
 
 def test_bad_delivery_beside_good_ones_is_quarantined_whole_and_the_run_goes_on(tmp_path, capsys):

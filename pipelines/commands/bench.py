@@ -1,0 +1,136 @@
+"""``vendor-audit bench``, ``bench-checks`` and ``bench-incremental``: the benchmarks, each writing its
+section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from pipelines.audit_run import run_audit
+from pipelines.console import console_logging
+
+log = logging.getLogger("vendor_audit")
+
+
+def register(add) -> None:
+    p = add("bench", "benchmark the estimates against the truth and cleanlab; writes BENCHMARKS.md")
+    p.add_argument("--scenarios", default="A,B,C,D,E,W,N,S500,S100,L",
+                   help="comma-separated scenario keys (see BENCHMARKS.md)")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
+    p.add_argument("--folds", type=int, default=3, help="cross-validation folds of each training")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per fold (20 on digits)")
+    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="classifier head")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits behind each interval")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench section is replaced (created if missing)")
+    p.set_defaults(handler=bench, needs_home=False)
+    p = add("bench-checks", "benchmark hand checks: the combined estimate per budget against uniform checks alone")
+    p.add_argument("--scenarios", default="A,B,C,D,W", help="comma-separated scenario keys of vendor-audit bench")
+    p.add_argument("--budgets", default="25,50,100,200", help="checks per vendor, comma-separated")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
+    p.add_argument("--draws", type=int, default=20, help="check plans drawn per seed and budget")
+    p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench")
+    p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench")
+    p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="as in vendor-audit bench")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-checks section is replaced (created if missing)")
+    p.set_defaults(handler=bench_checks, needs_home=False)
+    p = add("bench-incremental", "time new-batch scoring against full re-runs as batches accumulate")
+    p.add_argument("--checkpoints", default="1,5,20",
+                   help="numbers of deliveries already in when a new one is timed, comma-separated")
+    p.add_argument("--per-batch", type=int, default=2000, metavar="N", help="images in each simulated delivery")
+    p.add_argument("--full-up-to", type=int, default=20, metavar="N",
+                   help="largest checkpoint that also times a full re-run")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of each training")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per fold")
+    p.add_argument("--heads", default="auto",
+                   help="classifier heads trained, comma-separated, or auto (the settings' rule)")
+    p.add_argument("--dataset", choices=["fashion-mnist", "cifar10"], default="fashion-mnist",
+                   help="images of the deliveries: Fashion-MNIST (vendors a, b, c) or CIFAR-10 photos (a, b, c, d)")
+    p.add_argument("--source", type=Path, default=None, metavar="PATH",
+                   help="cifar10 only: an .npz of photos, as for simulate (default: $CIFAR10_NPZ)")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-incremental section is replaced (created if missing)")
+    p.set_defaults(handler=bench_incremental, needs_home=False)
+
+
+def bench(args) -> None:
+    import time
+
+    from ml.bench import BenchConfig, format_late_table, format_tables, run_benchmark
+
+    console_logging("ml")
+    config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
+                         bootstrap=args.bootstrap, cache=args.home / "bench-cache")
+    started = time.perf_counter()
+    summaries, late = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
+    tables = (format_tables(summaries) if summaries else "") + "\n".join(format_late_table(s) for s in late)
+    print(tables)
+    text = (f"## `{_bench_command('bench')}`\n\n"
+            f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU; "
+            f"{(time.perf_counter() - started) / 60:.0f} min for this run. Each cell: ours \\| cleanlab's defaults "
+            f"on the same out-of-fold probabilities.\n\n" + tables)
+    _write_bench_section(args.output, "bench", text)
+
+
+def bench_checks(args) -> None:
+    import time
+
+    from ml.bench import BenchConfig
+    from ml.bench_checks import format_checks_table, run_checks_benchmark
+
+    console_logging("ml")
+    config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
+                         cache=args.home / "bench-cache")
+    started = time.perf_counter()
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws)
+    table = format_checks_table(summaries)
+    print(table)
+    text = (f"## `{_bench_command('bench-checks')}`\n\n"
+            f"Model outputs as in `vendor-audit bench` (K={args.folds}-fold {args.head} CNN, {args.epochs} epochs, "
+            f"cached); per seed, {args.draws} independent check plans per budget, answered from the truth. "
+            f"{(time.perf_counter() - started) / 60:.0f} min for this run.\n\n" + table)
+    _write_bench_section(args.output, "bench-checks", text)
+
+
+def bench_incremental(args) -> None:
+    from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
+
+    heads = args.heads if args.heads == "auto" else tuple(args.heads.split(","))
+    overrides = {"folds": args.folds, "epochs": args.epochs, "heads": heads}
+    rows = run_incremental_benchmark(args.home, [int(c) for c in args.checkpoints.split(",")], args.per_batch,
+                                     args.full_up_to, overrides, run_audit, args.dataset, args.source)
+    text = format_incremental(rows, _bench_command("bench-incremental"), f"{args.dataset}, {args.per_batch} images "
+                              f"a batch, {args.folds}-fold training, heads {args.heads}, {args.epochs} epochs, CPU")
+    print(text)
+    _write_bench_section(args.output, "bench-incremental", text)
+
+
+def _without_paths(argv: list[str]) -> list[str]:
+    """Command-line words without ``--home DIR`` and ``--output FILE`` (machine-specific paths), for
+    reproduce lines."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in ("--home", "--output"):
+            skip = True
+        elif not word.startswith(("--home=", "--output=")):
+            kept.append(word)
+    return kept
+
+
+def _bench_command(name: str) -> str:
+    """The benchmark command as run, without machine-specific paths, for the heading of its section."""
+    import shlex
+
+    return (f"vendor-audit {name} " + " ".join(shlex.quote(a) for a in _without_paths(sys.argv[2:]))).strip()
+
+
+def _write_bench_section(output: Path, name: str, text: str) -> None:
+    from ml.report import write_section
+
+    write_section(output, name, text)
+    log.info("wrote %s", output)

@@ -1,0 +1,33 @@
+"""``vendor-audit init``: a new home for your own deliveries."""
+
+from __future__ import annotations
+
+from ml.wording import count
+from pipelines.home import open_instance
+
+
+def register(add) -> None:
+    p = add("init", "create a home for your own deliveries: a commented settings file with your classes, and "
+                    "landing/")
+    p.add_argument("--classes", required=True, metavar="NAME,NAME,...",
+                   help="the class names in order, comma-separated (no default: required)")
+    p.set_defaults(handler=init, needs_home=False)
+
+
+def init(args) -> int:
+    """A new home for real deliveries: the commented settings file with the given classes, and landing/."""
+    from ml.config import CONFIG_NAME, make_settings, write_settings
+
+    settings_path = args.home / CONFIG_NAME
+    if settings_path.exists():
+        raise ValueError(f"{settings_path} exists already: {args.home} is a vendor-audit home (edit that file to "
+                         "change its settings)")
+    settings = make_settings("--classes", classes=args.classes.split(","))
+    (args.home / "landing").mkdir(parents=True, exist_ok=True)
+    write_settings(args.home, settings)
+    open_instance(args.home)  # its Dagster instance, so that dagster's own command lines work on it at once
+    print(f"new home {args.home}: settings in {settings_path} ({count(len(settings.classes), 'class')}; every "
+          f"setting is explained there)\n"
+          f"deliveries go to {args.home / 'landing'}/<vendor>/<batch>/: labels.csv (image,label), the images, and "
+          f"_READY written last\nthen: vendor-audit run --home {args.home}")
+    return 0

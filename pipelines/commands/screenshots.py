@@ -1,0 +1,21 @@
+"""``vendor-audit screenshots``: the Dagster lineage and the MLflow run comparison as PNG files."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("vendor_audit")
+
+
+def register(add) -> None:
+    p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
+    p.add_argument("--out", type=Path, default=Path("docs/img"), help="folder the PNG files are written to")
+    p.set_defaults(handler=screenshots, needs_home=True)
+
+
+def screenshots(args) -> None:
+    from pipelines.screenshots import take_screenshots
+
+    for path in take_screenshots(args.home, args.out, args.home / "logs"):
+        log.info("wrote %s", path)
