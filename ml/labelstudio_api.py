@@ -29,6 +29,9 @@ class LabelStudio:
             raise ValueError(f"no Label Studio token: set the environment variable {TOKEN_VARIABLE} (Label Studio: "
                              f"Account & Settings > Personal Access Token)")
         self.url = url.rstrip("/")
+        # an opener of its own, with the environment's proxies as they are now (urllib's shared default
+        # opener keeps the proxies of its first use in the process)
+        self._opener = urllib.request.build_opener()
         self._token = token
         self._authorization: str | None = None
 
@@ -41,7 +44,7 @@ class LabelStudio:
             headers["Authorization"] = self._auth()
         request = urllib.request.Request(self.url + path, data=body, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            with self._opener.open(request, timeout=TIMEOUT_S) as response:
                 return json.loads(response.read().decode("utf-8"))
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]

@@ -8,13 +8,9 @@ import http.cookiejar
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
 import urllib.request
 import zipfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -24,6 +20,7 @@ from conftest import make_home
 from ml.corrections import corrected_labels
 from ml.cvat import image_name
 from pipelines.cli import main
+from pipelines.servers import free_port, running
 
 LABEL_STUDIO = os.environ.get("LABEL_STUDIO_BIN", "")
 USER, PASSWORD = "checker@example.com", "a-checker-password-1"
@@ -45,19 +42,15 @@ def _run(argv: list[str], env: dict | None = None) -> tuple[int, str]:
     return status, out.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """Label Studio's own server, as a checker's browser and the API see it."""
 
     def __init__(self, url: str):
         self.url = url
         self.cookies = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.cookies))
+        # no proxy: the server is on this machine, whatever proxies other tests left in urllib's default opener
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                  urllib.request.HTTPCookieProcessor(self.cookies))
         self.access = ""
 
     def call(self, path: str, data=None, method: str | None = None, form: bool = False, raw: bool = False):
@@ -105,27 +98,16 @@ def loop(tmp_path_factory):
     ls_folder = home / "exports" / "label-studio" / "checks-plan-001"
     cvat_folder = home / "exports" / "cvat" / "checks-plan-001"
 
-    port = _free_port()
+    port = free_port()
     data = root / "label-studio-data"
-    env = dict(os.environ, LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_USERNAME=USER,
+    env = dict(LABEL_STUDIO_BASE_DATA_DIR=str(data), LABEL_STUDIO_USERNAME=USER,
                LABEL_STUDIO_PASSWORD=PASSWORD, LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED="true",
                LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=str(home / "exports"), LATEST_VERSION_CHECK="false",
                COLLECT_ANALYTICS="false", SENTRY_DSN="", FRONTEND_SENTRY_DSN="")
-    log = (root / "label-studio.log").open("wb")
-    server = subprocess.Popen([LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port",
-                               str(port), "--data-dir", str(data)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None, (root / "label-studio.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "Label Studio did not start in 240 s"
-                time.sleep(1)
+    url = f"http://127.0.0.1:{port}"
+    command = [LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(data)]
+    with running(command, url + "/health", env, root / "label-studio.log", timeout=300):  # stopped by its pid
         ls = Server(url)
         token = ls.personal_access_token()
         project = ls.call("/api/projects", {"title": "hand checks, plan 1",
@@ -157,14 +139,6 @@ def loop(tmp_path_factory):
         (home / "vendor-audit.yaml").write_text(settings)
         pulled = _run(["checks", "pull", "--home", str(home)], env={"LABEL_STUDIO_API_KEY": token})
         no_token = _run(["checks", "pull", "--home", str(home)], env={"LABEL_STUDIO_API_KEY": ""})
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
     # the last planned image answered in CVAT: its export (CVAT for images 1.1) dropped into checks/
     last = tasks[-1]["data"]["image_id"]
     cvat_names = zipfile.ZipFile(cvat_folder / "images.zip").namelist()
