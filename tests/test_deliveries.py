@@ -62,13 +62,15 @@ def test_a_lone_vendors_deliveries_are_bounded_from_above_only_as_the_vendor_is(
 
 
 def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited_home):
-    """The session's audited home: one delivery per vendor, so each delivery's point estimate is its
-    vendor's (same images, same noise model groups); each partition carries its rate."""
+    """The session's audited home: one delivery per vendor a, b, c, so each delivery's point estimate is
+    its vendor's (same images, same noise model groups); each partition carries its rate. (Other tests
+    may have delivered new vendors to the same home before this one runs: only a, b, c are read.)"""
     import dagster as dg
 
     from pipelines.home import open_instance
 
     table = pd.read_csv(audited_home / "reports" / "deliveries.csv", keep_default_na=False)
+    table = table[table["vendor"].isin(["a", "b", "c"])].reset_index(drop=True)
     card = pd.read_csv(audited_home / "reports" / "scorecard.csv").set_index("vendor")
     assert list(table.columns[:len(DELIVERY_COLUMNS)]) == DELIVERY_COLUMNS
     assert list(table["vendor"]) == ["a", "b", "c"] and (table["delivery"] == "batch-001").all()
@@ -80,7 +82,7 @@ def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited
     for record in sorted(observed, key=lambda r: r.timestamp):
         observation = record.asset_observation
         latest[observation.partition] = observation.metadata
-    assert set(latest) == {"a.batch-001", "b.batch-001", "c.batch-001"}
+    assert {"a.batch-001", "b.batch-001", "c.batch-001"} <= set(latest)
     assert latest["c.batch-001"]["error_rate"].value == table.set_index("vendor").loc["c", "error_rate"]
 
 
