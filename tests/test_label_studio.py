@@ -21,6 +21,7 @@ from ml.corrections import corrected_labels
 from ml.cvat import image_name
 from pipelines.cli import main
 from pipelines.servers import free_port, running
+from test_readme import block_starting, run_lines
 
 LABEL_STUDIO = os.environ.get("LABEL_STUDIO_BIN", "")
 USER, PASSWORD = "checker@example.com", "a-checker-password-1"
@@ -87,14 +88,15 @@ def loop(tmp_path_factory):
     root = tmp_path_factory.mktemp("label-studio")
     home = make_home(root / "home", {"a": 0.0, "b": 0.15, "c": 0.3}, per_vendor=120, heads=("l2softmax",))
     assert _run(["run", "--home", str(home)])[0] == 0
-    assert _run(["plan", "--home", str(home), "--budget", "8"])[0] == 0
+    # the README's block, line by line as a user types it (a smaller plan: 120 images a vendor)
+    readme = block_starting("vendor-audit plan   --home DIR")
+    assert [line.split(" --home")[0].split("... ")[-1].strip() for line in readme] == [
+        "vendor-audit plan", "vendor-audit checks export", "vendor-audit checks export", "vendor-audit checks pull",
+        "vendor-audit run"]
+    replacements = {"DIR": str(home), "--budget 100": "--budget 8"}
+    run_lines(readme[:3], root, replacements)
     to_check = pd.read_csv(home / "reports" / "check_plan.csv", dtype=str, keep_default_na=False)
     truth = pd.read_csv(home / "truth.csv", dtype=str, keep_default_na=False).set_index("image_id")["true_labels"]
-
-    status, ls_export = _run(["checks", "export", "--to", "label-studio", "--home", str(home)])
-    assert status == 0, ls_export
-    status, cvat_export = _run(["checks", "export", "--to", "cvat", "--home", str(home)])
-    assert status == 0, cvat_export
     ls_folder = home / "exports" / "label-studio" / "checks-plan-001"
     cvat_folder = home / "exports" / "cvat" / "checks-plan-001"
 
@@ -137,7 +139,7 @@ def loop(tmp_path_factory):
         settings = settings.replace("label_studio_url: ''", f"label_studio_url: {url}")
         settings = settings.replace("label_studio_project: null", f"label_studio_project: {project['id']}")
         (home / "vendor-audit.yaml").write_text(settings)
-        pulled = _run(["checks", "pull", "--home", str(home)], env={"LABEL_STUDIO_API_KEY": token})
+        pulled = run_lines(readme[3:4], root, {**replacements, "LABEL_STUDIO_API_KEY=...": f"LABEL_STUDIO_API_KEY={token}"})[0]
         no_token = _run(["checks", "pull", "--home", str(home)], env={"LABEL_STUDIO_API_KEY": ""})
     # the last planned image answered in CVAT: its export (CVAT for images 1.1) dropped into checks/
     last = tasks[-1]["data"]["image_id"]
@@ -147,8 +149,7 @@ def loop(tmp_path_factory):
         '</name><owner><username>cvat-checker</username></owner></task><dumped>2026-12-05 08:00:00+00:00</dumped>'
         f'</meta><image id="0" name="{image_name(last)}" width="112" height="112"><tag label="{truth[last]}" '
         'source="manual"></tag></image></annotations>\n')
-    status, run_output = _run(["run", "--home", str(home)])
-    assert status == 0, run_output
+    run_output = run_lines(readme[4:], root, replacements)[0]
     card_before_labels = (home / "reports" / "scorecard.csv").read_bytes()
     labels_status, labels_output = _run(["labels", "export", "--home", str(home)])
     return SimpleNamespace(home=home, to_check=to_check, truth=truth, token=token, answered=answered, last=last,
@@ -172,9 +173,8 @@ def test_the_plan_goes_out_as_tasks_the_tool_opens_without_the_vendors_label(loo
 
 
 def test_answers_pulled_from_label_studio_and_from_cvat_rescore_the_audit(loop):
-    status, output = loop.pulled
     assert len(loop.answered) == len(loop.tasks) - 2 >= 3  # one skipped, one left for CVAT
-    assert status == 0 and "checks/label-studio-project-" in output
+    assert "checks/label-studio-project-" in loop.pulled and "hand checks:" in loop.run_output
     checks = pd.read_csv(loop.home / "reports" / "hand_checks.csv", dtype=str, keep_default_na=False)
     from_tools = checks[checks["source"].str.contains("label-studio-project-|cvat-plan-001", regex=True)]
     got = dict(zip(from_tools["image_id"], from_tools["true_labels"]))
