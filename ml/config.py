@@ -67,6 +67,7 @@ class Settings:
     contract_overrides: dict[str, ErrorRateLimit] = Field(default_factory=dict)  # vendor -> its own limit
     label_studio_url: Annotated[str, Strict()] = ""  # the server checks pull answers from; empty: none
     label_studio_project: Annotated[StrictInt, Field(ge=1)] | None = None  # its project of hand checks
+    cvat_url: Annotated[str, Strict()] = ""  # the CVAT server checks push creates tasks on; empty: none
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -209,6 +210,7 @@ RULES = {
                           "for none",
     "label_studio_url": "a string: the Label Studio server's address, e.g. http://127.0.0.1:8080; empty for none",
     "label_studio_project": "null, or the id (an integer >= 1) of the Label Studio project of hand checks",
+    "cvat_url": "a string: the CVAT server's address, e.g. https://cvat.example.com; empty for none",
 }
 # What each setting means, for the comments of a written settings file (README: Settings).
 HELP = {
@@ -240,6 +242,8 @@ HELP = {
     "label_studio_url": "Label Studio server that vendor-audit checks pull reads answers from (its token: the "
                         "environment variable LABEL_STUDIO_API_KEY, never this file); empty: none",
     "label_studio_project": "the id of its project of hand checks (in the project's URL); null: none",
+    "cvat_url": "CVAT server that vendor-audit checks push creates tasks on and checks pull --from cvat reads "
+                "(its token: the environment variable CVAT_ACCESS_TOKEN, never this file); empty: none",
 }
 SETTINGS_HEADER = ("# vendor-audit settings, checked strictly before every run: an unknown name or a value of the "
                    "wrong type stops it\n# with a message naming the setting. The README's section Settings "

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ml.check_plan import CheckPlanError
     from ml.config import ConfigError
+    from ml.cvat_api import CvatError
     from ml.delivery import DeliveryError, TaxonomyChanged
     from ml.labelstudio_api import LabelStudioError
     from pipelines.resources import DvcError, TrackingUnavailable
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         status = args.handler(args)
     except (*input_errors, ValueError, FileNotFoundError) as exc:
         return _error(args, str(exc), 2)
-    except (TrackingUnavailable, DvcError, ModelFileError, ServerExited, LabelStudioError) as exc:
+    except (TrackingUnavailable, DvcError, ModelFileError, ServerExited, LabelStudioError, CvatError) as exc:
         return _error(args, str(exc), 1)
     except dg.Failure as exc:
         return _error(args, exc.description, 1)

@@ -91,7 +91,7 @@ def test_every_command_has_a_handler_and_says_whether_it_needs_a_home():
 def test_a_missing_home_is_a_usage_error_naming_the_command_that_creates_one(command, tmp_path, capsys):
     home = tmp_path / "typo"
     extra = {"plan": ["--budget", "5"], "checkout": ["--dataset-version", "1"],
-             "checks export": ["--to", "cvat"]}.get(command, [])
+             "checks export": ["--to", "cvat"], "checks push": ["--to", "cvat"]}.get(command, [])
     assert main([*command.split(), "--home", str(home), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"vendor-audit: error: {home}: no such vendor-audit home")
