@@ -11,10 +11,10 @@ from assets.scoring import _require_champion, _table, label_issues
 from ml.audit import load_audit
 from ml.check_plan import checks_for_target, read_answers_state, read_plans, vendor_checks, write_answers_state
 from ml.contract import (
-    BREACH, UNDECIDED, WITHIN, unknown_override_vendors, vendor_limits, vendors_by_verdict, verdict_lines,
+    BREACH, UNDECIDED, WITHIN, got_worse, unknown_override_vendors, vendor_limits, vendors_by_verdict, verdict_lines,
     with_contract,
 )
-from ml.deliveries import with_worsening_notes
+from ml.deliveries import with_worsening
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import HAND_CHECK_HALFWIDTH, assess_reliability, what_would_help
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
@@ -61,7 +61,7 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
                                 reliability=reliability, remedies=remedies)
     worsening_path = audit_home.reports / "worsening.csv"
     if worsening_path.is_file():  # written with the label issues (an audit of an earlier release has none)
-        scorecard = with_worsening_notes(scorecard, pd.read_csv(worsening_path, dtype={"vendor": str}))
+        scorecard = with_worsening(scorecard, pd.read_csv(worsening_path, dtype={"vendor": str}))
     scorecard = checks_last(scorecard.assign(
         cleanlab_error_rate=scorecard["vendor"].map(dict(zip(vendors, baseline_rates.round(4)))),
         dataset_version=dataset_version, model_version=champion["model_version"])).assign(
@@ -112,22 +112,26 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
 
 
 @dg.asset_check(asset=vendor_scorecard, description="No vendor breaches its contract (contract_max_error_rate, "
-                "contract_overrides) and none is undecided: WARN while some are undecided, ERROR when some "
-                "breach; passes when no contract is set.")
+                "contract_overrides), none is undecided and none got worse: WARN while some are undecided or got "
+                "worse (their newest delivery against their earlier ones), ERROR when some breach; passes when no "
+                "vendor got worse and no contract is set.")
 def within_contract(audit_home: AuditHome) -> dg.AssetCheckResult:
     scorecard = read_scorecard(audit_home.reports / "scorecard.csv")
     by_verdict = vendors_by_verdict(scorecard)
-    if not any(by_verdict.values()):
-        return dg.AssetCheckResult(passed=True, description="no contract set (contract_max_error_rate, "
-                                                            "contract_overrides)")
+    worse = got_worse(scorecard)
+    worse_vendors = scorecard.loc[worse != "", "vendor"].astype(str).tolist()
+    if not any(by_verdict.values()) and not worse_vendors:
+        return dg.AssetCheckResult(passed=True, description="no vendor got worse; no contract set "
+                                                            "(contract_max_error_rate, contract_overrides)")
     breach, undecided = by_verdict[BREACH], by_verdict[UNDECIDED]
     said = ([f"{', '.join(breach)} in breach of the contract (drop)"] if breach else []) + \
-        ([f"{', '.join(undecided)} undecided (warn)"] if undecided else [])
+        ([f"{', '.join(undecided)} undecided (warn)"] if undecided else []) + \
+        [f"{vendor} {text} (warn)" for vendor, text in zip(scorecard["vendor"].astype(str), worse) if text]
     return dg.AssetCheckResult(
-        passed=not (breach or undecided),
+        passed=not (breach or undecided or worse_vendors),
         severity=dg.AssetCheckSeverity.ERROR if breach else dg.AssetCheckSeverity.WARN,
         description="; ".join(said) or "every vendor within its contract (pay)",
-        metadata={"breach": breach, "undecided": undecided, "within": by_verdict[WITHIN],
+        metadata={"breach": breach, "undecided": undecided, "within": by_verdict[WITHIN], "got_worse": worse_vendors,
                   "verdicts": dg.MetadataValue.md("\n".join(f"- **{head}** — {text}"
                                                             for head, text in verdict_lines(scorecard)))},
     )

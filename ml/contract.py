@@ -3,8 +3,10 @@
 A contract sets the highest error rate paid for: ``contract_max_error_rate`` for every vendor, or a
 vendor's own in ``contract_overrides``. A rated vendor whose 95% interval lies wholly below its limit
 L is ``within`` (pay), wholly above it ``breach`` (drop), and around it ``undecided`` (warn): the data
-cannot tell yet, and the planned hand checks most likely to decide it are counted. A vendor without a
-limit gets no verdict. A vendor with too few images to rate, or whose rate rests on a classifier too
+cannot tell yet, and the planned hand checks most likely to decide it are counted. A vendor within its
+limit whose newest delivery got worse (its ``worsening`` column, :func:`ml.deliveries.with_worsening`)
+stays ``within`` but its action is warn: it is paid for what it delivered, and watched. A vendor without
+a limit gets no verdict. A vendor with too few images to rate, or whose rate rests on a classifier too
 weak to measure it (its ``note`` starts with :data:`ml.reliability.UNRELIABLE`), is ``undecided``: a
 verdict on such a figure would pay or drop a vendor on the model's mistakes.
 
@@ -48,6 +50,13 @@ def unknown_override_vendors(vendors: Iterable[str], overrides: Mapping[str, flo
     return sorted(vendor for vendor in overrides if vendor not in known)
 
 
+def got_worse(scorecard: pd.DataFrame) -> pd.Series:
+    """Per row, how the vendor got worse (its ``worsening`` text), "" where it did not or is not tested."""
+    if "worsening" not in scorecard:
+        return pd.Series("", index=scorecard.index)
+    return scorecard["worsening"].fillna("").astype(str)
+
+
 def _unreliable(scorecard: pd.DataFrame) -> pd.Series:
     notes = scorecard["note"].fillna("").astype(str) if "note" in scorecard else pd.Series("", index=scorecard.index)
     return notes.str.contains(UNRELIABLE, regex=False)
@@ -59,7 +68,8 @@ def contract_verdicts(scorecard: pd.DataFrame, limits: Mapping[str, float | None
 
     Parameters
     ----------
-    scorecard : one row per vendor: vendor, error_rate, error_rate_low, error_rate_high, status, note.
+    scorecard : one row per vendor: vendor, error_rate, error_rate_low, error_rate_high, status, note
+        [, worsening].
     limits : vendor -> its limit, a fraction (:func:`vendor_limits`); None or absent: no contract.
     issues : label_issues rows (image_id, vendor, p_error, verdict [, model_verdict, check_source]), for
         the planner.
@@ -68,7 +78,8 @@ def contract_verdicts(scorecard: pd.DataFrame, limits: Mapping[str, float | None
     Returns
     -------
     ``contract_limit`` (float, NaN without a limit), ``contract_verdict`` (within, undecided, breach, or
-    "" without a limit), ``contract_action`` (pay, warn, drop, or ""), ``checks_to_decide`` (Int64: for
+    "" without a limit), ``contract_action`` (pay, warn, drop, or ""; warn for a vendor within its limit
+    that got worse), ``checks_to_decide`` (Int64: for
     an undecided rated vendor, the further checks of one more plan expected to take the limit out of
     its interval, :func:`ml.check_plan.checks_to_exclude`; missing otherwise, and where the rate sits on
     the limit: no number of checks would decide it).
@@ -86,10 +97,12 @@ def contract_verdicts(scorecard: pd.DataFrame, limits: Mapping[str, float | None
     if asks.any():
         vendors = scorecard["vendor"].astype(str).tolist()
         to_decide = checks_to_exclude(issues, plans, vendors, rate, low, high, np.where(asks, limit, np.nan))
+    action = np.array([ACTIONS.get(v, "") for v in verdict], dtype=object)
+    action[(verdict == WITHIN) & (got_worse(scorecard) != "").to_numpy()] = ACTIONS[UNDECIDED]
     return pd.DataFrame({
         "contract_limit": limit,
         "contract_verdict": verdict,
-        "contract_action": [ACTIONS.get(v, "") for v in verdict],
+        "contract_action": action,
         "checks_to_decide": pd.array(to_decide, dtype="Float64").astype("Int64"),  # whole numbers, NaN: none
     }, index=scorecard.index, columns=CONTRACT_COLUMNS)
 
@@ -133,6 +146,7 @@ def verdict_lines(scorecard: pd.DataFrame) -> list[tuple[str, str]]:
         return []
     basis = rate_basis(scorecard)
     unreliable = _unreliable(scorecard)
+    worse = got_worse(scorecard)
     lines = []
     for i, row in scorecard.iterrows():
         verdict = str(row["contract_verdict"]) if pd.notna(row["contract_verdict"]) else ""
@@ -144,6 +158,8 @@ def verdict_lines(scorecard: pd.DataFrame) -> list[tuple[str, str]]:
         based = percent_interval(rate, row["error_rate_low"], row["error_rate_high"], basis[i])
         if verdict == WITHIN:
             text = f"within: {interval} is below the contract's {limit_text(limit)} ({basis[i]})"
+            if worse[i]:
+                text += f", but it {worse[i]}"
         elif verdict == BREACH:
             text = f"breach: {interval} is above the contract's {limit_text(limit)} ({basis[i]})"
         elif row["status"] != RATED:
@@ -161,7 +177,7 @@ def verdict_lines(scorecard: pd.DataFrame) -> list[tuple[str, str]]:
             checks = row["checks_to_decide"]
             text += ("; checks would not decide it" if pd.isna(checks) else
                      f"; about {int(checks):,} planned checks would most likely decide it: {plan_command(int(checks))}")
-        lines.append((f"{row['vendor']}: {ACTIONS[verdict]}", text))
+        lines.append((f"{row['vendor']}: {row['contract_action']}", text))
     return lines
 
 

@@ -106,9 +106,10 @@ def worsening_note(row) -> str:
             f"{row.p_holm:.3f} across the vendors tested)")
 
 
-def with_worsening_notes(scorecard: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """``scorecard`` with :func:`worsening_note` added to the ``note`` of each vendor found worse."""
+def with_worsening(scorecard: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """``scorecard`` with a ``worsening`` column (:func:`worsening_note` for each vendor found worse, ""
+    for the others), the same text added to those vendors' ``note``; the contract turns a vendor that
+    got worse from pay into warn (:func:`ml.contract.contract_verdicts`)."""
     notes = {row.vendor: worsening_note(row) for row in table[table["worse"].astype(bool)].itertuples(index=False)}
-    if not notes:
-        return scorecard
-    return scorecard.assign(note=add_notes(scorecard["note"], scorecard["vendor"].map(notes)))
+    said = scorecard["vendor"].astype(str).map(notes).fillna("")
+    return scorecard.assign(note=add_notes(scorecard["note"], said), worsening=said)

@@ -82,6 +82,22 @@ def test_a_vendor_is_within_in_breach_or_undecided_by_where_its_interval_lies():
     assert _verdicts(0.1506).at["c", "contract_verdict"] == "breach"
 
 
+WORSE = ("got worse: its newest delivery batch-5 reads 9.0% against 1.0% for its earlier ones, +8.0 points (95% "
+         "interval +5.0 to +11.0; Holm-adjusted p = 0.010 across the vendors tested)")
+
+
+def test_a_vendor_within_its_limit_that_got_worse_is_warned_not_paid():
+    card = _scorecard(worsening=["", "", WORSE, ""])
+    verdicts = _verdicts(0.25, card=card)
+    assert verdicts["contract_verdict"].to_dict() == {"a": "within", "b": "within", "c": "within", "d": "undecided"}
+    assert verdicts["contract_action"].to_dict() == {"a": "pay", "b": "pay", "c": "warn", "d": "warn"}
+    lines = dict(verdict_lines(verdicts.reset_index()))
+    assert lines["c: warn"] == f"within: 17.9% (15.1-20.8%) is below the contract's 25.0% (model only), but it {WORSE}"
+    assert lines["b: pay"].startswith("within: 3.5% (1.6-5.6%) is below")
+    # a vendor in breach stays drop, whether or not it also got worse
+    assert _verdicts(0.05, card=card).at["c", "contract_action"] == "drop"
+
+
 def test_an_override_sets_one_vendors_limit_and_the_rest_keep_the_default():
     verdicts = _verdicts(0.05, {"c": 0.25, "a": 0.01})
     assert verdicts["contract_limit"].to_dict() == {"a": 0.01, "b": 0.05, "c": 0.25, "d": 0.05}
@@ -223,14 +239,16 @@ def test_the_reports_first_lines_give_each_vendors_action():
     ((None, {"a": 0.5, "b": 0.5, "c": 0.5}), True, None, "every vendor within its contract (pay)"),
     ((None, {"a": 0.5, "b": 0.0345}), False, dg.AssetCheckSeverity.WARN, "b undecided (warn)"),
     ((0.05, {}), False, dg.AssetCheckSeverity.ERROR, "c in breach of the contract (drop); b, d undecided (warn)"),
-    ((None, {}), True, None, "no contract set (contract_max_error_rate, contract_overrides)"),
+    ((None, {}), True, None, "no vendor got worse; no contract set (contract_max_error_rate, contract_overrides)"),
+    ((None, {}, WORSE), False, dg.AssetCheckSeverity.WARN, f"b {WORSE} (warn)"),
+    ((None, {"b": 0.5}, WORSE), False, dg.AssetCheckSeverity.WARN, f"b {WORSE} (warn)"),
 ])
 def test_the_asset_check_warns_on_undecided_vendors_and_errs_on_a_breach(tmp_path, limits, passed, severity,
                                                                          description):
     """The check alone, on a real Dagster instance, reading the scorecard file as the asset wrote it."""
-    card = _scorecard()
+    card = _scorecard(worsening=["", limits[2] if len(limits) > 2 else "", "", ""])
     (tmp_path / "reports").mkdir()
-    with_contract(card, vendor_limits(card["vendor"], *limits), _issues(), []).to_csv(
+    with_contract(card, vendor_limits(card["vendor"], *limits[:2]), _issues(), []).to_csv(
         tmp_path / "reports" / "scorecard.csv", index=False)
     home = AuditHome(home=str(tmp_path))
     resources = {"audit_home": home, "dvc": DvcRepo(audit_home=home), "mlflow_tracking": MlflowTracking(audit_home=home)}

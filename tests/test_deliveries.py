@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import run_audit
-from ml.deliveries import DELIVERY_COLUMNS, delivery_table, with_worsening_notes, worsening
+from ml.deliveries import DELIVERY_COLUMNS, delivery_table, with_worsening, worsening
 from test_estimate import synthetic
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -107,8 +107,10 @@ def test_a_vendor_whose_newest_delivery_got_worse_is_caught_and_an_unchanged_one
     assert table.loc["slipping", "difference_low"] > 0.05
     assert not bool(table.loc["steady", "worse"])
     card = pd.DataFrame({"vendor": ["slipping", "steady"], "note": ["", ""]})
-    noted = with_worsening_notes(card, table.reset_index()).set_index("vendor")["note"]
-    assert noted["slipping"].startswith("got worse: its newest delivery batch-5 reads") and noted["steady"] == ""
+    noted = with_worsening(card, table.reset_index()).set_index("vendor")
+    assert noted.loc["slipping", "note"].startswith("got worse: its newest delivery batch-5 reads")
+    assert noted.loc["slipping", "worsening"] == noted.loc["slipping", "note"]
+    assert noted.loc["steady", "note"] == noted.loc["steady", "worsening"] == ""
 
 
 def test_vendors_whose_quality_did_not_change_are_not_called_worse():
