@@ -1,5 +1,7 @@
 """New deliveries scored by the champion, label issues per image, and the vendor scorecard."""
 
+import warnings
+
 import dagster as dg
 import numpy as np
 import pandas as pd
@@ -13,7 +15,8 @@ from ml.check_plan import apply_checks, read_answers, read_plans, vendor_checks
 from ml.delivery import (
     Delivery, arrival_order, duplicate_of, is_rejected, load_curated_delivery, load_curated_rows, parse_key,
 )
-from ml.deliveries import delivery_table, worsening
+from ml.contract import vendor_limits
+from ml.deliveries import delivery_check, delivery_table, with_delivery_contract, worsening, worsening_note
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -76,21 +79,74 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
     whether each vendor's newest delivery is worse than its earlier ones (reports/worsening.csv)."""
     groups = result.deliveries
     by_delivery = issues.assign(vendor=issues["vendor"].astype(str) + "/" + issues["batch"].astype(str))
-    checks = vendor_checks(by_delivery, read_plans(audit_home.plans), groups.names, groups.rates.low,
-                           groups.rates.high)
+    plans = read_plans(audit_home.plans)
+    checks = vendor_checks(by_delivery, plans, groups.names, groups.rates.low, groups.rates.high)
     delivered_at = {f"{a.vendor}/{a.batch}": a.ingested_at for a in arrivals.itertuples(index=False)}
     table = delivery_table(groups, issues["verdict"].to_numpy(), dict(zip(result.vendors, result.rates.upper_only)),
                            result.heldout_accuracy, n_classes, delivered_at, checks)
-    atomic_write_csv(audit_home.reports / "worsening.csv", worsening(groups, delivered_at))
+    settings = audit_home.settings()
+    limits = vendor_limits(result.vendors, settings.contract_max_error_rate, settings.contract_overrides)
+    table = with_delivery_contract(table, limits, by_delivery, plans)
+    got_worse = worsening(groups, delivered_at)
+    atomic_write_csv(audit_home.reports / "worsening.csv", got_worse)
     known = set(context.instance.get_dynamic_partitions(deliveries.name))
-    for row in table.itertuples(index=False):
-        key = Delivery(row.vendor, row.delivery, audit_home.landing / row.vendor / row.delivery).key
-        if key in known:
-            context.log_event(dg.AssetObservation(asset_key=vendor_delivery.key, partition=key, metadata={
-                "error_rate": float(row.error_rate), "error_rate_low": float(row.error_rate_low),
-                "error_rate_high": float(row.error_rate_high), "n_images": int(row.n_images),
-                "basis": str(row.basis), "status": str(row.status)}))
+    for _, row in table.iterrows():
+        key = Delivery(row["vendor"], row["delivery"], audit_home.landing / row["vendor"] / row["delivery"]).key
+        if key not in known:
+            continue
+        metadata = {"error_rate": float(row["error_rate"]), "error_rate_low": float(row["error_rate_low"]),
+                    "error_rate_high": float(row["error_rate_high"]), "n_images": int(row["n_images"]),
+                    "basis": str(row["basis"]), "status": str(row["status"]),
+                    "contract_verdict": str(row["contract_verdict"]), "contract_action": str(row["contract_action"])}
+        context.log_event(dg.AssetObservation(asset_key=vendor_delivery.key, partition=key, metadata=metadata))
+        # the partition's check as this audit sees it: the UI and Dagster's alerting show it per delivery
+        context.log_event(_delivery_evaluation(row, _worse_text(got_worse, row), key, metadata))
     return table
+
+
+def _worse_text(got_worse: pd.DataFrame, row) -> str:
+    """The worsening note where ``row`` is the newest delivery of a vendor found worse, else ""."""
+    hit = got_worse[(got_worse["vendor"].astype(str) == str(row["vendor"]))
+                    & (got_worse["newest"].astype(str) == str(row["delivery"])) & got_worse["worse"].astype(bool)]
+    return worsening_note(next(hit.itertuples(index=False))) if len(hit) else ""
+
+
+def _delivery_evaluation(row, worse: str, key: str, metadata: dict) -> dg.AssetCheckEvaluation:
+    passed, severity, description = delivery_check(row, worse)
+    return dg.AssetCheckEvaluation(
+        asset_key=vendor_delivery.key, check_name="delivery_within_contract", passed=passed, partition=key,
+        severity=dg.AssetCheckSeverity[severity or "WARN"], description=description, metadata=metadata)
+
+
+def _delivery_check_definition(check_fn):
+    # a partitioned asset check is a preview in the pinned dagster 1.13: its warning says so at every import
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.PreviewWarning)
+        return dg.asset_check(
+            asset=vendor_delivery, partitions_def=deliveries, required_resource_keys={"audit_home"},
+            description="The delivery within its vendor's contract and no worse than the vendor's earlier "
+                        "deliveries, as the last audit rated it (reports/deliveries.csv): WARN while undecided or "
+                        "worse, ERROR on a breach. Every audit records it for each delivery; run with the "
+                        "delivery's ingestion it reads the last audit's figures (a new delivery: not rated yet).")(check_fn)
+
+
+@_delivery_check_definition
+def delivery_within_contract(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    audit_home: AuditHome = context.resources.audit_home
+    vendor, batch = parse_key(context.partition_key)
+    path = audit_home.reports / "deliveries.csv"
+    table = pd.read_csv(path, dtype={"vendor": str, "delivery": str}, keep_default_na=False) if path.is_file() \
+        else pd.DataFrame(columns=["vendor", "delivery"])
+    rows = table[(table["vendor"] == vendor) & (table["delivery"] == batch)]
+    if rows.empty or "contract_verdict" not in rows:  # run with its ingestion: the audit after it rates it
+        return dg.AssetCheckResult(passed=True, description="not rated yet: the audit after its ingestion rates it "
+                                                            "and records this check again")
+    worse_path = audit_home.reports / "worsening.csv"
+    got_worse = pd.read_csv(worse_path, dtype={"vendor": str, "newest": str}) if worse_path.is_file() \
+        else pd.DataFrame(columns=["vendor", "newest", "worse"])
+    evaluation = _delivery_evaluation(rows.iloc[0], _worse_text(got_worse, rows.iloc[0]), context.partition_key, {})
+    return dg.AssetCheckResult(passed=evaluation.passed, severity=evaluation.severity,
+                               description=evaluation.description)
 
 
 @dg.asset(

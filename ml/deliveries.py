@@ -9,6 +9,9 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import GroupRates, split_group_names
+from ml.check_plan import Plan
+from ml.contract import BREACH, CONTRACT_COLUMNS, UNDECIDED, WITHIN, contract_verdicts, limit_text
+from ml.wording import percent_interval
 from ml.reliability import assess_reliability
 from ml.estimate import MIN_IMAGES_TO_RATE
 from ml.scorecard import add_notes, holm, rate_table
@@ -50,6 +53,44 @@ def delivery_table(deliveries: GroupRates, verdict: np.ndarray, vendor_upper_onl
     # ranks compare vendors (the scorecard); deliveries of different vendors are not ranked against each other
     rest = [c for c in table.columns if c not in DELIVERY_COLUMNS and c != "rank"]
     return table[DELIVERY_COLUMNS + rest].sort_values(["vendor", "delivered_at", "delivery"]).reset_index(drop=True)
+
+
+def with_delivery_contract(table: pd.DataFrame, limits: dict[str, float | None], issues: pd.DataFrame,
+                           plans: list[Plan]) -> pd.DataFrame:
+    """``table`` (:func:`delivery_table`) with :data:`ml.contract.CONTRACT_COLUMNS` per delivery, judged as
+    a vendor is (:func:`ml.contract.contract_verdicts`) against its vendor's limit (``limits``, vendor ->
+    limit); ``checks_to_decide`` counts checks among the delivery's own images. ``issues``: label_issues
+    rows with ``vendor`` as ``vendor/batch``."""
+    groups = table.assign(vendor=table["vendor"].astype(str) + "/" + table["delivery"].astype(str))
+    group_limits = {group: limits.get(vendor) for group, vendor in zip(groups["vendor"], table["vendor"])}
+    verdicts = contract_verdicts(groups, group_limits, issues, plans)
+    return pd.concat([table.drop(columns=[c for c in CONTRACT_COLUMNS if c in table]), verdicts], axis=1)
+
+
+def delivery_check(row, worse: str = "") -> tuple[bool, str, str]:
+    """The verdict on one delivery for its asset check: ``(passed, severity, description)``, severity
+    ``"ERROR"`` for a breach of its vendor's contract, ``"WARN"`` for an undecided delivery or, with
+    ``worse`` (:func:`worsening_note` where this is the newest delivery of a vendor found worse), one
+    that got worse than the vendor's earlier ones.
+
+    ``row``: a row of reports/deliveries.csv (:func:`with_delivery_contract`)."""
+    verdict = str(row["contract_verdict"]) if pd.notna(row["contract_verdict"]) else ""
+    rate = percent_interval(row["error_rate"], row["error_rate_low"], row["error_rate_high"], str(row["basis"]))
+    said = []
+    if verdict == BREACH:
+        said.append(f"breach: {rate} is above the contract's {limit_text(float(row['contract_limit']))} (drop)")
+    elif verdict == UNDECIDED:
+        if row["status"] != "rated":
+            said.append(f"undecided: too few images to rate ({int(row['n_images'])}) (warn)")
+        else:
+            said.append(f"undecided: the limit {limit_text(float(row['contract_limit']))} is inside {rate} (warn)")
+    if worse:
+        said.append(f"{worse} (warn)")
+    if said:
+        return False, "ERROR" if verdict == BREACH else "WARN", "; ".join(said)
+    if verdict == WITHIN:
+        return True, "", f"within: {rate} is below the contract's {limit_text(float(row['contract_limit']))} (pay)"
+    return True, "", f"{rate}; no contract set" if row["status"] == "rated" else "too few images to rate; no contract set"
 
 
 WORSENING_COLUMNS = ["vendor", "newest", "newest_rate", "earlier_rate", "difference", "difference_low",

@@ -12,7 +12,7 @@ from assets.checks import hand_checks
 from assets.dataset import curated_dataset
 from assets.ingestion import vendor_delivery
 from assets.scorecard import vendor_scorecard, within_contract
-from assets.scoring import batch_scores, label_issues
+from assets.scoring import batch_scores, delivery_within_contract, label_issues
 from assets.training import cv_models
 from pipelines.automation import (
     audit_job, checks_sensor, delivery_sensor, ingest_job, nightly_schedule, score_job, scorecard_automation,
@@ -26,7 +26,7 @@ def build_definitions(home: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[vendor_delivery, curated_dataset, hand_checks, cv_models, batch_scores, label_issues,
                 vendor_scorecard],
-        asset_checks=[within_contract],
+        asset_checks=[within_contract, delivery_within_contract],
         jobs=[ingest_job, score_job, audit_job],
         sensors=[delivery_sensor, scorecard_refresh_sensor, checks_sensor, scorecard_automation],
         schedules=[nightly_schedule],

@@ -317,6 +317,25 @@ def test_run_exits_4_when_a_vendor_breaches_its_contract(audited_home, tmp_path)
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
     evaluation = record.event.dagster_event.event_specific_data
     assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR
+    # each delivery judged as its vendor is, in deliveries.csv and as its partition's check
+    # (a delivery's interval is its own: here, each vendor's one delivery, it may be wider than the vendor's)
+    deliveries = pd.read_csv(home / "reports" / "deliveries.csv").set_index("vendor").loc[["a", "b", "c"]]
+    limits = deliveries["contract_limit"]
+    expected = np.where(deliveries["error_rate_high"] < limits, "within",
+                        np.where(deliveries["error_rate_low"] > limits, "breach", "undecided"))
+    assert deliveries["contract_verdict"].tolist() == expected.tolist()
+    assert deliveries.at["a", "contract_verdict"] == "within" and deliveries.at["c", "contract_verdict"] != "within"
+    assert deliveries["contract_action"].tolist() == [{"within": "pay", "undecided": "warn", "breach": "drop"}[v]
+                                                      for v in expected]
+    key = dg.AssetCheckKey(dg.AssetKey("vendor_delivery"), "delivery_within_contract")
+    latest = {}
+    for record in reversed(instance.event_log_storage.get_asset_check_execution_history(key, limit=100)):
+        latest[record.partition] = record.event.dagster_event.event_specific_data
+    assert latest["a.batch-001"].passed and latest["a.batch-001"].description.startswith("within: ")
+    c_verdict = deliveries.at["c", "contract_verdict"]
+    assert not latest["c.batch-001"].passed and latest["c.batch-001"].severity == (
+        dg.AssetCheckSeverity.ERROR if c_verdict == "breach" else dg.AssetCheckSeverity.WARN)
+    assert latest["c.batch-001"].description.startswith(f"{c_verdict}: ")
 
     # nothing new: the scorecard is current, the breach lasts, and the status says it again
     assert _run(["run", "--home", str(home)])[0] == 4

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from ml.audit import run_audit
-from ml.deliveries import DELIVERY_COLUMNS, delivery_table, with_worsening, worsening
+from ml.deliveries import DELIVERY_COLUMNS, delivery_check, delivery_table, with_worsening, worsening
 from test_estimate import synthetic
 
 CLASSES = tuple(f"c{i}" for i in range(10))
@@ -84,6 +84,34 @@ def test_the_audit_writes_each_deliverys_rate_and_observes_its_partition(audited
         latest[observation.partition] = observation.metadata
     assert {"a.batch-001", "b.batch-001", "c.batch-001"} <= set(latest)
     assert latest["c.batch-001"]["error_rate"].value == table.set_index("vendor").loc["c", "error_rate"]
+    # each partition's contract check: "not rated yet" with its ingestion, then as the audit rated it
+    key = dg.AssetCheckKey(dg.AssetKey("vendor_delivery"), "delivery_within_contract")
+    said = {}
+    for record in reversed(instance.event_log_storage.get_asset_check_execution_history(key, limit=200)):
+        said.setdefault(record.partition, []).append(record.event.dagster_event.event_specific_data)
+    for vendor in "abc":
+        first, last = said[f"{vendor}.batch-001"][0], said[f"{vendor}.batch-001"][-1]
+        assert first.passed and first.description.startswith("not rated yet")
+        assert last.passed and last.description.endswith("; no contract set")  # the session home has no contract
+
+
+def _delivery_row(verdict, low=0.02, high=0.08, status="rated", limit=0.05):
+    return pd.Series({"vendor": "v", "delivery": "batch-2", "n_images": 900, "error_rate": 0.05, "error_rate_low": low,
+                      "error_rate_high": high, "basis": "model only", "status": status, "contract_limit": limit,
+                      "contract_verdict": verdict})
+
+
+def test_a_deliverys_check_errs_on_a_breach_and_warns_while_undecided_or_worse():
+    assert delivery_check(_delivery_row("breach", 0.06, 0.09)) == (
+        False, "ERROR", "breach: 5.0% (6.0-9.0%, model only) is above the contract's 5.0% (drop)")
+    assert delivery_check(_delivery_row("undecided")) == (
+        False, "WARN", "undecided: the limit 5.0% is inside 5.0% (2.0-8.0%, model only) (warn)")
+    assert delivery_check(_delivery_row("within", 0.0, 0.04, limit=0.1))[:2] == (True, "")
+    worse = delivery_check(_delivery_row("within", 0.0, 0.04, limit=0.1), "got worse: its newest delivery ...")
+    assert worse == (False, "WARN", "got worse: its newest delivery ... (warn)")
+    assert delivery_check(_delivery_row("", limit=float("nan"))) == (True, "", "5.0% (2.0-8.0%, model only); no "
+                                                                               "contract set")
+    assert delivery_check(_delivery_row("undecided", status="too few images"))[:2] == (False, "WARN")
 
 
 def _vendor_over_deliveries(rates_by_vendor: dict[str, list[float]], per_delivery: int, seed: int):
