@@ -87,7 +87,7 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
     settings = audit_home.settings()
     limits = vendor_limits(result.vendors, settings.contract_max_error_rate, settings.contract_overrides)
     table = with_delivery_contract(table, limits, by_delivery, plans)
-    got_worse = worsening(groups, delivered_at)
+    got_worse = worsening(groups, delivered_at, window_days=audit_home.settings().worsening_window_days)
     atomic_write_csv(audit_home.reports / "worsening.csv", got_worse)
     known = set(context.instance.get_dynamic_partitions(deliveries.name))
     for _, row in table.iterrows():
@@ -105,9 +105,10 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
 
 
 def _worse_text(got_worse: pd.DataFrame, row) -> str:
-    """The worsening note where ``row`` is the newest delivery of a vendor found worse, else ""."""
-    hit = got_worse[(got_worse["vendor"].astype(str) == str(row["vendor"]))
-                    & (got_worse["newest"].astype(str) == str(row["delivery"])) & got_worse["worse"].astype(bool)]
+    """The worsening note where ``row`` is one of the newest deliveries of a vendor found worse, else ""."""
+    newest = got_worse["newest"].astype(str).str.split("|")
+    hit = got_worse[(got_worse["vendor"].astype(str) == str(row["vendor"])) & got_worse["worse"].astype(bool)
+                    & newest.map(lambda recent: str(row["delivery"]) in recent)]
     return worsening_note(next(hit.itertuples(index=False))) if len(hit) else ""
 
 

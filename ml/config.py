@@ -65,6 +65,7 @@ class Settings:
     training: Annotated[str, Strict()] = "auto"  # probe, finetune, or auto (finetune on a GPU, probe on a CPU)
     contract_max_error_rate: ErrorRateLimit | None = None  # null: no contract (ml.contract)
     contract_overrides: dict[str, ErrorRateLimit] = Field(default_factory=dict)  # vendor -> its own limit
+    worsening_window_days: Annotated[StrictInt, Field(ge=0)] | None = None  # null: the newest delivery alone
     label_studio_url: Annotated[str, Strict()] = ""  # the server checks pull answers from; empty: none
     label_studio_project: Annotated[StrictInt, Field(ge=1)] | None = None  # its project of hand checks
     cvat_url: Annotated[str, Strict()] = ""  # the CVAT server checks push creates tasks on; empty: none
@@ -208,6 +209,7 @@ RULES = {
     "contract_max_error_rate": "null (no contract), or a number between 0 and 1 (exclusive), e.g. 0.05 for 5%",
     "contract_overrides": "a mapping of vendor names to numbers between 0 and 1 (exclusive), e.g. {acme: 0.05}; {} "
                           "for none",
+    "worsening_window_days": "null (a vendor's newest delivery alone), or a whole number of days >= 0",
     "label_studio_url": "a string: the Label Studio server's address, e.g. http://127.0.0.1:8080; empty for none",
     "label_studio_project": "null, or the id (an integer >= 1) of the Label Studio project of hand checks",
     "cvat_url": "a string: the CVAT server's address, e.g. https://cvat.example.com; empty for none",
@@ -239,6 +241,8 @@ HELP = {
     "contract_max_error_rate": "0 to 1 (exclusive): the contract's highest error rate; a vendor's 95% interval above "
                                "it: drop, below it: pay, around it: warn; null: no contract",
     "contract_overrides": "{vendor: rate, ...}: a vendor's own limit, in place of contract_max_error_rate; {}: none",
+    "worsening_window_days": "days: a vendor's deliveries ingested this many days before its newest are tested "
+                             "together against its earlier ones for getting worse; null: the newest delivery alone",
     "label_studio_url": "Label Studio server that vendor-audit checks pull reads answers from (its token: the "
                         "environment variable LABEL_STUDIO_API_KEY, never this file); empty: none",
     "label_studio_project": "the id of its project of hand checks (in the project's URL); null: none",

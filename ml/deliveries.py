@@ -98,38 +98,56 @@ WORSENING_COLUMNS = ["vendor", "newest", "newest_rate", "earlier_rate", "differe
 LEVEL = 0.05  # family-wise, across the vendors tested (Holm), as the vendor comparisons are
 
 
-def worsening(deliveries: GroupRates, delivered_at: dict[str, str],
-              min_images: int = MIN_IMAGES_TO_RATE) -> pd.DataFrame:
-    """Per vendor: is its newest delivery worse than its earlier ones together?
+def _recent(mine: list[int], names: np.ndarray, delivered_at: dict[str, str], window_days: int | None) -> int:
+    """How many of ``mine`` (in delivery order) are recent: the newest alone, or with ``window_days`` every
+    delivery ingested within that many days before the newest (an unknown time counts as earlier)."""
+    if window_days is None:
+        return 1
+    times = pd.to_datetime([delivered_at.get(names[g], "") or None for g in mine], utc=True, errors="coerce")
+    if pd.isna(times[-1]):
+        return 1
+    return max(1, int((times >= times[-1] - pd.Timedelta(days=window_days)).sum()))
 
-    The newest delivery is the last ingested (``delivered_at`` per ``vendor/batch``, then the name).
-    Its rate is compared with the image-weighted rate of the vendor's earlier deliveries through the
-    estimator's own bootstrap (B, G): every replicate refits the whole noise model, so both rates come
-    from the same draw, and a bias common to the vendor's deliveries cancels in the difference. The
-    one-sided p-value is the share of replicates where the newest is not higher, ``(1 + #) / (B + 1)``;
-    ``p_holm`` adjusts it across the vendors tested; ``worse`` is ``p_holm < LEVEL``. Vendors are tested
-    only when the newest delivery and the earlier ones each have ``min_images``: small samples are
-    not judged, as they are not rated. Returns WORSENING_COLUMNS, one row per vendor tested.
+
+def worsening(deliveries: GroupRates, delivered_at: dict[str, str],
+              min_images: int = MIN_IMAGES_TO_RATE, window_days: int | None = None) -> pd.DataFrame:
+    """Per vendor: are its newest deliveries worse than its earlier ones together?
+
+    The newest delivery is the last ingested (``delivered_at`` per ``vendor/batch``, then the name); with
+    ``window_days``, the recent deliveries are those ingested within that many days before it. The recent
+    deliveries' image-weighted rate is compared with the earlier ones' through the estimator's own
+    bootstrap (B, G): every replicate refits the whole noise model, so both rates come from the same draw,
+    and a bias common to the vendor's deliveries cancels in the difference. The one-sided p-value is the
+    share of replicates where the recent rate is not higher, ``(1 + #) / (B + 1)``; ``p_holm`` adjusts it
+    across the vendors tested; ``worse`` is ``p_holm < LEVEL``. Vendors are tested only when the recent
+    and the earlier deliveries each have ``min_images``: small samples are not judged, as they are not
+    rated. Returns WORSENING_COLUMNS, one row per vendor tested; ``newest`` names the recent deliveries
+    (``|`` between several).
     """
     rates = deliveries.rates
     names = np.array(deliveries.names)
     vendor_of = np.array([name.split("/", 1)[0] for name in names])
+
+    def weighted(groups: np.ndarray, values: np.ndarray) -> np.ndarray:
+        weight = rates.n_images[groups].astype(float)
+        return values[..., groups] @ weight / weight.sum()
+
     rows = []
     for vendor in sorted(set(vendor_of)):
         mine = np.flatnonzero(vendor_of == vendor)
         if len(mine) < 2:
             continue
         mine = sorted(mine, key=lambda g: (delivered_at.get(names[g], ""), names[g]))
-        newest, earlier = mine[-1], np.array(mine[:-1])
-        weight = rates.n_images[earlier].astype(float)
-        if rates.n_images[newest] < min_images or weight.sum() < min_images:
+        recent_count = _recent(mine, names, delivered_at, window_days)
+        recent, earlier = np.array(mine[len(mine) - recent_count:]), np.array(mine[:len(mine) - recent_count])
+        if len(earlier) == 0 or rates.n_images[recent].sum() < min_images or rates.n_images[earlier].sum() < min_images:
             continue
-        earlier_rate = float(rates.rate[earlier] @ weight / weight.sum())
-        replicates = rates.bootstrap[:, newest] - rates.bootstrap[:, earlier] @ weight / weight.sum()
+        recent_rate, earlier_rate = float(weighted(recent, rates.rate)), float(weighted(earlier, rates.rate))
+        replicates = weighted(recent, rates.bootstrap) - weighted(earlier, rates.bootstrap)
         low, high = np.quantile(replicates, [0.025, 0.975])
-        rows.append({"vendor": vendor, "newest": names[newest].split("/", 1)[1],
-                     "newest_rate": float(rates.rate[newest]), "earlier_rate": earlier_rate,
-                     "difference": float(rates.rate[newest]) - earlier_rate, "difference_low": float(low),
+        rows.append({"vendor": vendor, "newest": "|".join(names[g].split("/", 1)[1] for g in recent),
+                     "newest_rate": recent_rate, "earlier_rate": earlier_rate,
+                     "difference": recent_rate - earlier_rate, "difference_low": float(low),
                      "difference_high": float(high),
                      "p_value": float((1 + (replicates <= 0).sum()) / (len(replicates) + 1))})
     table = pd.DataFrame(rows, columns=WORSENING_COLUMNS[:-2])
@@ -140,8 +158,11 @@ def worsening(deliveries: GroupRates, delivered_at: dict[str, str],
 
 
 def worsening_note(row) -> str:
-    """The scorecard note of a vendor whose newest delivery is worse than its earlier ones."""
-    return (f"got worse: its newest delivery {row.newest} reads {100 * row.newest_rate:.1f}% against "
+    """The scorecard note of a vendor whose newest deliveries are worse than its earlier ones."""
+    newest = str(row.newest).split("|")
+    what = f"its newest delivery {newest[0]} reads" if len(newest) == 1 else \
+        f"its newest deliveries {', '.join(newest)} read"
+    return (f"got worse: {what} {100 * row.newest_rate:.1f}% against "
             f"{100 * row.earlier_rate:.1f}% for its earlier ones, {100 * row.difference:+.1f} points (95% interval "
             f"{100 * row.difference_low:+.1f} to {100 * row.difference_high:+.1f}; Holm-adjusted p = "
             f"{row.p_holm:.3f} across the vendors tested)")

@@ -141,6 +141,22 @@ def test_a_vendor_whose_newest_delivery_got_worse_is_caught_and_an_unchanged_one
     assert noted.loc["steady", "note"] == noted.loc["steady", "worsening"] == ""
 
 
+def test_with_a_window_the_recent_deliveries_are_tested_together():
+    """Two small recent deliveries (150 images each, under the 200 a rate needs) at 15% after three at 3%:
+    the newest alone is not judged; with a 31-day window (they arrived a month apart) both are."""
+    names, batches, given, probs, arrived = _vendor_over_deliveries(
+        {"slipping": [0.03, 0.03, 0.03, 0.15, 0.15], "steady": [0.05] * 5}, per_delivery=150, seed=2)
+    result, _ = _audit(names, batches, given, probs, n_boot=200)
+    assert worsening(result.deliveries, arrived).empty
+    table = worsening(result.deliveries, arrived, window_days=31).set_index("vendor")
+    assert table.loc["slipping", "newest"] == "batch-4|batch-5" and bool(table.loc["slipping", "worse"])
+    assert table.loc["steady", "newest"] == "batch-4|batch-5" and not bool(table.loc["steady", "worse"])
+    note = with_worsening(pd.DataFrame({"vendor": ["slipping"], "note": [""]}), table.reset_index())["note"][0]
+    assert note.startswith("got worse: its newest deliveries batch-4, batch-5 read ")
+    # a window shorter than the gap between the two: the newest alone again
+    assert worsening(result.deliveries, arrived, window_days=29).empty
+
+
 def test_vendors_whose_quality_did_not_change_are_not_called_worse():
     """Four vendors at 0 / 3 / 8 / 20%, three deliveries each at the same rate, over several seeds. With
     200 replicates and 4 vendors, Holm's smallest adjusted p is 4/201 = 0.02: a false alarm is possible,
