@@ -73,7 +73,7 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
 
 
 def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, result, issues: pd.DataFrame,
-                    arrivals: pd.DataFrame, n_classes: int) -> pd.DataFrame:
+                    arrivals: pd.DataFrame, settings) -> pd.DataFrame:
     """Each delivery's rate (reports/deliveries.csv), combined with the hand checks that fall in it, and
     as an observation of its ``vendor_delivery`` partition, so that the UI shows each partition's rate;
     whether each vendor's newest delivery is worse than its earlier ones (reports/worsening.csv)."""
@@ -83,11 +83,10 @@ def _delivery_rates(context: dg.AssetExecutionContext, audit_home: AuditHome, re
     checks = vendor_checks(by_delivery, plans, groups.names, groups.rates.low, groups.rates.high)
     delivered_at = {f"{a.vendor}/{a.batch}": a.ingested_at for a in arrivals.itertuples(index=False)}
     table = delivery_table(groups, issues["verdict"].to_numpy(), dict(zip(result.vendors, result.rates.upper_only)),
-                           result.heldout_accuracy, n_classes, delivered_at, checks)
-    settings = audit_home.settings()
+                           result.heldout_accuracy, len(settings.classes), delivered_at, checks)
     limits = vendor_limits(result.vendors, settings.contract_max_error_rate, settings.contract_overrides)
     table = with_delivery_contract(table, limits, by_delivery, plans)
-    got_worse = worsening(groups, delivered_at, window_days=audit_home.settings().worsening_window_days)
+    got_worse = worsening(groups, delivered_at, window_days=settings.worsening_window_days)
     atomic_write_csv(audit_home.reports / "worsening.csv", got_worse)
     known = set(context.instance.get_dynamic_partitions(deliveries.name))
     for _, row in table.iterrows():
@@ -116,7 +115,12 @@ def _delivery_evaluation(row, worse: str, key: str, metadata: dict) -> dg.AssetC
     passed, severity, description = delivery_check(row, worse)
     return dg.AssetCheckEvaluation(
         asset_key=vendor_delivery.key, check_name="delivery_within_contract", passed=passed, partition=key,
-        severity=dg.AssetCheckSeverity[severity or "WARN"], description=description, metadata=metadata)
+        severity=_severity(severity), description=description, metadata=metadata)
+
+
+def _severity(name: str) -> dg.AssetCheckSeverity:
+    """:func:`ml.deliveries.delivery_check`'s severity ("" where the check passed: WARN, Dagster's mildest)."""
+    return dg.AssetCheckSeverity[name or "WARN"]
 
 
 def _delivery_check_definition(check_fn):
@@ -145,9 +149,8 @@ def delivery_within_contract(context: dg.AssetCheckExecutionContext) -> dg.Asset
     worse_path = audit_home.reports / "worsening.csv"
     got_worse = pd.read_csv(worse_path, dtype={"vendor": str, "newest": str}) if worse_path.is_file() \
         else pd.DataFrame(columns=["vendor", "newest", "worse"])
-    evaluation = _delivery_evaluation(rows.iloc[0], _worse_text(got_worse, rows.iloc[0]), context.partition_key, {})
-    return dg.AssetCheckResult(passed=evaluation.passed, severity=evaluation.severity,
-                               description=evaluation.description)
+    passed, severity, description = delivery_check(rows.iloc[0], _worse_text(got_worse, rows.iloc[0]))
+    return dg.AssetCheckResult(passed=passed, severity=_severity(severity), description=description)
 
 
 @dg.asset(
@@ -181,7 +184,7 @@ def label_issues(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: 
     issues = apply_checks(issues, read_answers(audit_home.reports / "hand_checks.csv"))
     atomic_write_csv(audit_home.reports / "label_issues.csv", issues)
     atomic_write_bytes(audit_home.reports / "audit.npz", result.to_npz())
-    per_delivery = _delivery_rates(context, audit_home, result, issues, arrivals, len(settings.classes))
+    per_delivery = _delivery_rates(context, audit_home, result, issues, arrivals, settings)
     atomic_write_csv(audit_home.reports / "deliveries.csv", per_delivery)
     annotators_path = audit_home.reports / "annotators.csv"
     if result.annotators is not None:

@@ -14,7 +14,7 @@ from ml.contract import BREACH, CONTRACT_COLUMNS, UNDECIDED, WITHIN, contract_ve
 from ml.wording import percent_interval
 from ml.reliability import assess_reliability
 from ml.estimate import MIN_IMAGES_TO_RATE
-from ml.scorecard import add_notes, holm, rate_table
+from ml.scorecard import RATED, add_notes, holm, rate_table
 
 # reports/deliveries.csv: the contract's columns first
 DELIVERY_COLUMNS = ["vendor", "delivery", "delivered_at", "n_images", "error_rate", "error_rate_low",
@@ -80,7 +80,7 @@ def delivery_check(row, worse: str = "") -> tuple[bool, str, str]:
     if verdict == BREACH:
         said.append(f"breach: {rate} is above the contract's {limit_text(float(row['contract_limit']))} (drop)")
     elif verdict == UNDECIDED:
-        if row["status"] != "rated":
+        if row["status"] != RATED:
             said.append(f"undecided: too few images to rate ({int(row['n_images'])}) (warn)")
         else:
             said.append(f"undecided: the limit {limit_text(float(row['contract_limit']))} is inside {rate} (warn)")
@@ -90,7 +90,7 @@ def delivery_check(row, worse: str = "") -> tuple[bool, str, str]:
         return False, "ERROR" if verdict == BREACH else "WARN", "; ".join(said)
     if verdict == WITHIN:
         return True, "", f"within: {rate} is below the contract's {limit_text(float(row['contract_limit']))} (pay)"
-    return True, "", f"{rate}; no contract set" if row["status"] == "rated" else "too few images to rate; no contract set"
+    return True, "", f"{rate}; no contract set" if row["status"] == RATED else "too few images to rate; no contract set"
 
 
 WORSENING_COLUMNS = ["vendor", "newest", "newest_rate", "earlier_rate", "difference", "difference_low",
