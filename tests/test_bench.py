@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from ml.bench import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
+from bench.accuracy import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
                       run_late_seed, run_seed, summarize, summarize_late)
-from ml.bench_checks import format_checks_table, run_checks_seed, summarize_checks, uniform_checks_for_halfwidth
+from bench.checks import format_checks_table, run_checks_seed, summarize_checks, uniform_checks_for_halfwidth
 from ml.estimate import wilson_interval
 
 

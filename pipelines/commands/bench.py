@@ -58,7 +58,7 @@ def register(add) -> None:
 def bench(args) -> None:
     import time
 
-    from ml.bench import BenchConfig, format_late_table, format_tables, run_benchmark
+    from bench.accuracy import BenchConfig, format_late_table, format_tables, run_benchmark
 
     console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
@@ -77,8 +77,8 @@ def bench(args) -> None:
 def bench_checks(args) -> None:
     import time
 
-    from ml.bench import BenchConfig
-    from ml.bench_checks import format_checks_table, run_checks_benchmark
+    from bench.accuracy import BenchConfig
+    from bench.checks import format_checks_table, run_checks_benchmark
 
     console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
@@ -96,7 +96,7 @@ def bench_checks(args) -> None:
 
 
 def bench_incremental(args) -> None:
-    from pipelines.incremental_bench import format_incremental, run_incremental_benchmark
+    from bench.incremental import format_incremental, run_incremental_benchmark
 
     heads = args.heads if args.heads == "auto" else tuple(args.heads.split(","))
     overrides = {"folds": args.folds, "epochs": args.epochs, "heads": heads}

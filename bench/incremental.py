@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml.bench import SCENARIOS
+from bench.accuracy import SCENARIOS
 from ml.config import load_settings, write_settings
 from ml.datasets import load_dataset
 from ml.simulate import simulate_deliveries

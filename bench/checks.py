@@ -1,6 +1,6 @@
 """Benchmark of hand checks: the combined estimate (model + checks drawn by the planner) against
 uniform checks alone with Wilson intervals, a checker simulated from the truth, on the benchmark's
-cached model outputs (ml/bench.py)."""
+cached model outputs (bench/accuracy.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from ml.bench import SCENARIOS, BenchConfig, _model_outputs
+from bench.accuracy import SCENARIOS, BenchConfig, _model_outputs
 from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabilities
 from ml.datasets import load_dataset
 from ml.estimate import fit_noise_model, wilson_interval
