@@ -16,6 +16,7 @@ from ml.contract import (
 )
 from ml.deliveries import with_worsening
 from ml.files import atomic_write_bytes, atomic_write_csv
+from ml.history import read_history, with_audit, write_history
 from ml.reliability import HAND_CHECK_HALFWIDTH, assess_reliability, what_would_help
 from ml.report import build_report, likely_errors, load_issue_images, read_quarantine, write_report
 from ml.scorecard import build_scorecard, checks_last, compare_vendors, read_scorecard
@@ -35,7 +36,8 @@ from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
     description="One row per vendor: error rate with a 95% interval (combined with the hand checks where a vendor "
                 "has them, and what it rests on: checked or model only), flagged and ambiguous counts, rank, hand-check and gold columns, the verdict against "
                 "the contract (pay, warn or drop); "
-                "pairwise comparisons, and the report for vendor managers (reports/report.md and a "
+                "pairwise comparisons; the scorecard appended to the audits' history (history/scorecards.parquet, "
+                "DVC-versioned), and the report for vendor managers (reports/report.md and a "
                 "self-contained report.html).",
 )
 def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, dvc: DvcRepo,
@@ -76,6 +78,17 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     reports = audit_home.reports
     atomic_write_csv(reports / "scorecard.csv", scorecard)
     atomic_write_csv(reports / "comparisons.csv", comparisons)
+    generated_at = datetime.now(timezone.utc)
+    history_path = audit_home.history / "scorecards.parquet"
+    history = read_history(history_path)
+    # a past dataset version checked out re-computes history: it is shown, not added to the table
+    if dvc.checked_out_version() is None:
+        history = with_audit(history, scorecard, generated_at.isoformat(timespec="seconds"))
+        write_history(history_path, history)
+        dvc.snapshot_history()
+    deliveries_path = reports / "deliveries.csv"
+    deliveries = pd.read_csv(deliveries_path, dtype={"vendor": str, "delivery": str}, keep_default_na=False,
+                             na_values=[""]) if deliveries_path.is_file() else None
     provenance = {"dataset_version": dataset_version,
                   "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
                   "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
@@ -84,12 +97,12 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
     annotators_path = reports / "annotators.csv"
     report = build_report(
         scorecard, comparisons, issues, confusion, vendors, settings.classes,
-        {**provenance, "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")},
+        {**provenance, "generated_at": generated_at.strftime("%Y-%m-%d %H:%M UTC")},
         images=load_issue_images(audit_home.curated, likely_errors(issues)),
         quarantined=read_quarantine(audit_home.quarantine), quarantine_warn_share=settings.quarantine_warn_share,
         n_boot=rates.bootstrap.shape[0],
         annotators=pd.read_csv(annotators_path) if annotators_path.is_file() else None, hand_checks=checks,
-        reliability=reliability, remedies=remedies)
+        reliability=reliability, remedies=remedies, deliveries=deliveries, history=history)
     write_report(reports, report)
     atomic_write_bytes(reports / "provenance.json", json.dumps(provenance, indent=2).encode())
     dvc.commit_stage()  # the home's pipeline (ingest, audit) as it stands now

@@ -17,6 +17,7 @@ from ml.checks import QUARANTINE_KINDS
 from ml.contract import MODEL_ONLY_CAVEAT, basis_lines, verdict_lines
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
+from ml.history import audit_trend_plot, delivery_trend_plot
 from ml.reliability import Reliability, reliability_lines
 from ml.scorecard import MODEL_ONLY, RATED, UPPER_ONLY_NOTE, disagreements, format_p_value, rate_basis
 from ml.thumbnails import thumbnail_png
@@ -691,6 +692,36 @@ def _pairwise(comps) -> list:
     ]
 
 
+def _over_time(deliveries: pd.DataFrame | None, history: pd.DataFrame | None, files: dict[str, bytes]) -> list:
+    """Each vendor's rate per delivery and across audits: shown once some vendor has two deliveries or
+    the home two audits."""
+    audits = history["audited_at"].nunique() if history is not None else 0
+    several = deliveries is not None and bool((deliveries.groupby("vendor").size() > 1).any())
+    if not several and audits < 2:
+        return []
+    blocks = [Heading(2, "Over time")]
+    if deliveries is not None and len(deliveries):
+        path = "plots/trend-deliveries.png"
+        files[path] = delivery_trend_plot(deliveries)
+        blocks += [_para("Each delivery's own error rate with its 95% interval, by the same estimator as the "
+                         "vendors' (reports/deliveries.csv), oldest delivery first; the dashed line is the "
+                         "contract's limit where one is set. A vendor's newest delivery is tested against its "
+                         "earlier ones: the summary names a vendor that got worse."),
+                   Picture(path, files[path], "error rate per delivery")]
+    if audits >= 2:
+        path = "plots/trend-audits.png"
+        files[path] = audit_trend_plot(history)
+        blocks += [_para(f"Each vendor's pooled error rate in each of the {count(audits, 'audit')} kept in "
+                         "history/scorecards.parquet (a night that changed the data, the model or the hand checks "
+                         "adds one point). Rates of different audits rest on different data: a vendor's newer "
+                         "deliveries move its pooled rate."),
+                   Picture(path, files[path], "error rate per audit")]
+    else:
+        blocks.append(_para("The rates across audits are plotted from the second audit on "
+                            "(history/scorecards.parquet)."))
+    return blocks
+
+
 def _annotators(annotators: pd.DataFrame | None) -> list:
     if annotators is None or not len(annotators):
         return []
@@ -847,7 +878,8 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
                  vendors: list[str], classes: tuple[str, ...], provenance: dict, images: dict[str, np.ndarray],
                  quarantined: pd.DataFrame, quarantine_warn_share: float, n_boot: int,
                  annotators: pd.DataFrame | None = None, hand_checks: pd.DataFrame | None = None,
-                 reliability: Reliability | None = None, remedies: list[str] = ()) -> Report:
+                 reliability: Reliability | None = None, remedies: list[str] = (),
+                 deliveries: pd.DataFrame | None = None, history: pd.DataFrame | None = None) -> Report:
     """The audit report for a vendor manager, as Markdown and as one self-contained HTML page.
 
     Parameters
@@ -870,6 +902,9 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     reliability : optional verdict on the rates, per vendor of ``vendors``; where some rate is
         unreliable, the report's first lines say so, why, and what would help (``remedies``,
         :func:`ml.reliability.what_would_help`).
+    deliveries : optional per-delivery rates (reports/deliveries.csv) and ``history``, every audit's
+        scorecard (:data:`ml.history.HISTORY_COLUMNS`): an "Over time" section plots each vendor's rate
+        per delivery, and per audit once there are two.
 
     Where the scorecard has the contract's columns (:func:`ml.contract.with_contract`) and some vendor
     a limit, the report's first lines give each such vendor's action (pay, warn, drop) and why.
@@ -898,6 +933,7 @@ def build_report(scorecard: pd.DataFrame, comparisons: pd.DataFrame, issues: pd.
     blocks += _vendor_table(card)
     blocks += _pairwise(comps)
     blocks += _hand_checks(card, hand_checks)
+    blocks += _over_time(deliveries, history, files)
     blocks += _annotators(annotators)
     blocks += _confusions(card, issues)
     blocks += _gallery(card, issues, images, files)

@@ -18,6 +18,9 @@ from pipelines.locks import exclusive
 from pipelines.mlflow_store import artifact_root, forget_cached_artifact_places, open_home_store, store_uri
 
 
+HISTORY_FOLDER = "history"
+
+
 class AuditHome(dg.ConfigurableResource):
     """One vendor-audit home: everything (landing, curated data, DVC, MLflow, Dagster, reports) lives under it."""
 
@@ -76,6 +79,11 @@ class AuditHome(dg.ConfigurableResource):
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    @property
+    def history(self) -> Path:
+        """Every audit's scorecard, ``scorecards.parquet`` (ml.history), versioned with DVC."""
+        return self.root / HISTORY_FOLDER
 
     @property
     def features(self) -> Path:
@@ -269,7 +277,7 @@ HOME_GITIGNORE = """\
 DATASET_MANIFEST = "dataset.json"  # per commit: the version, its deliveries and image counts
 # the files an audit commits beside dvc.lock, when they exist
 AUDIT_FILES = ("dvc.lock", "reports/scorecard.csv", "reports/label_issues.csv", "reports/provenance.json",
-               "checks.dvc", "gold.dvc", "plans.dvc", ".gitignore")
+               "checks.dvc", "gold.dvc", "plans.dvc", f"{HISTORY_FOLDER}.dvc", ".gitignore")
 GIT_IDENTITY = {"user.name": "vendor-audit", "user.email": "vendor-audit@localhost"}
 
 
@@ -407,6 +415,16 @@ class DvcRepo(dg.ConfigurableResource):
             self._dvc("add", "-q", *folders)
             self._dvc("push", "-q")
             return {folder: self.version_of(folder) for folder in folders}
+
+    def snapshot_history(self) -> str:
+        """``dvc add`` history/ (every audit's scorecard) and push it; :meth:`record_audit` commits its
+        version. Also inside the home's own ``dvc repro``: history/ is neither a dependency nor an
+        output of its stages, so DVC holds no lock on it there."""
+        with self._exclusive():
+            self.ensure_repo()
+            self._dvc("add", "-q", HISTORY_FOLDER)
+            self._dvc("push", "-q", f"{HISTORY_FOLDER}.dvc")
+            return self.version_of(HISTORY_FOLDER)
 
     def answer_folders(self) -> list[str]:
         """The hand-check folders to version: one is versioned once it has a file, and keeps being

@@ -10,6 +10,7 @@ import mlflow
 import pandas as pd
 
 from ml.audit import ISSUE_COLUMNS
+from ml.history import read_history
 from ml.scorecard import SCORECARD_COLUMNS
 from ml.datasets import load_digits_upscaled
 from ml.simulate import simulate_deliveries
@@ -105,6 +106,10 @@ def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home,
     assert set(rescored) == {"curated_dataset", "hand_checks", "label_issues", "vendor_scorecard"}
     assert pd.read_csv(audited_home / "reports" / "scorecard.csv").equals(pd.read_csv(io.BytesIO(scorecard_before)))
     before = {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()}
+    # the same data, model and checks: the history keeps one audit (its re-run replaced, not added)
+    history = read_history(audited_home / "history" / "scorecards.parquet")
+    assert list(history["dataset_version"]) == [version] * 3 and history["audited_at"].nunique() == 1
+    assert "plots/trend-audits.png" not in (audited_home / "reports" / "report.md").read_text()
 
     # a new delivery: only its partition is ingested and scored, by the champion, with no retraining
     simulate_deliveries(load_digits_upscaled(), {"d": 0.2}, 150, audited_home, seed=9, batch="batch-002")
@@ -120,10 +125,39 @@ def test_new_delivery_is_scored_by_the_champion_without_retraining(audited_home,
     card = pd.read_csv(audited_home / "reports" / "scorecard.csv")
     assert "d" in set(card["vendor"]) and card["dataset_version"].nunique() == 1
     assert card.loc[0, "dataset_version"] != version  # the new delivery made a new dataset version
+    _assert_history_of_two_audits(audited_home, version, card)
 
     after = {r.dagster_run.run_id for r in instance.get_run_records()}
     assert main(["run", "--home", str(audited_home)]) == 0
     assert {r.dagster_run.run_id for r in open_instance(audited_home).get_run_records()} == after
+
+
+def _git(home, *args: str) -> str:
+    return subprocess.run(["git", f"--git-dir={home / '.git'}", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _assert_history_of_two_audits(home, first_version: str, card: pd.DataFrame) -> None:
+    """Each audit's scorecard kept: rates of both nights side by side, versioned by DVC and committed
+    with the audit; the report plots them."""
+    history = read_history(home / "history" / "scorecards.parquet")
+    assert history["audited_at"].nunique() == 2
+    assert list(history.drop_duplicates("audited_at")["dataset_version"]) == [first_version,
+                                                                                card.loc[0, "dataset_version"]]
+    newest = history[history["dataset_version"] == card.loc[0, "dataset_version"]].set_index("vendor")
+    assert sorted(newest.index) == sorted(card["vendor"])
+    assert newest.loc[card["vendor"], "error_rate"].tolist() == card["error_rate"].tolist()
+    assert set(history[history["dataset_version"] == first_version]["vendor"]) == {"a", "b", "c"}
+    # DVC holds the table (cache and remote); the audit's commit records its version
+    committed = _git(home, "show", "HEAD:history.dvc")
+    md5 = committed.split("md5: ", 1)[1].split()[0]
+    assert (home / "dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]).exists()
+    assert "audit " in _git(home, "log", "-1", "--format=%s")
+    report = (home / "reports" / "report.md").read_text()
+    assert "## Over time" in report and "plots/trend-audits.png" in report
+    assert (home / "reports" / "plots" / "trend-audits.png").read_bytes().startswith(b"\x89PNG")
+    page = (home / "reports" / "report.html").read_text()
+    assert 'alt="error rate per audit"' in page and "plots/trend-audits.png" not in page  # inlined, not linked
 
 
 def test_two_deliveries_landing_at_once_are_both_ingested_once(audited_home):
