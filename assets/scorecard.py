@@ -93,7 +93,10 @@ def vendor_scorecard(context: dg.AssetExecutionContext, audit_home: AuditHome, d
                   "model": f"{mlflow_tracking.registered_model} v{champion['model_version']}",
                   "model_version": champion["model_version"], "model_trained_on": champion["dataset_version"],
                   "head": champion["head"], "mlflow_run": champion["run_id"],
-                  **{f"{folder}_version": version for folder, version in answers_state.get("versions", {}).items()}}
+                  **{f"{folder}_version": version for folder, version in answers_state.get("versions", {}).items()},
+                  # the label issues' worsening test used it: `run` re-scores when the setting changes
+                  **({"worsening_window_days": settings.worsening_window_days}
+                     if settings.worsening_window_days is not None else {})}
     annotators_path = reports / "annotators.csv"
     report = build_report(
         scorecard, comparisons, issues, confusion, vendors, settings.classes,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ml.checks import QUARANTINE_KINDS
-from ml.contract import MODEL_ONLY_CAVEAT, basis_lines, verdict_lines
+from ml.contract import MODEL_ONLY_CAVEAT, basis_lines, got_worse, verdict_lines
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.history import audit_trend_plot, delivery_trend_plot
@@ -529,6 +529,11 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
     for vendor in names:
         if disagree[vendor]:
             findings.append((Strong(vendor), f": {disagree[vendor]}."))
+    worse = dict(zip(card["vendor"], got_worse(card)))
+    for vendor in names:
+        if worse[vendor]:
+            findings.append((Strong(f"{vendor} got worse"), f": {worse[vendor].removeprefix('got worse: ')}. "
+                             "The section Over time plots each delivery."))
     for row in unrated.itertuples(index=False):
         findings.append((Strong(row.vendor), f" delivered {count(row.n_images, 'image')}: {row.status}. Its "
                          f"figures are shown but it is not ranked or compared."))
@@ -551,7 +556,7 @@ def _summary(card, comps, intake_warned, duplicates, n_boot: int, checks: pd.Dat
         actions.append((f"Ask {row.vendor} about the {count(row.n_images, 'repeated image')} and make sure "
                         f"they are not paid for twice.",))
     for row in card[card["status"] == RATED].itertuples(index=False):
-        note = _without(row.note.strip(), disagree[row.vendor])  # said among the findings
+        note = _without(_without(row.note.strip(), disagree[row.vendor]), worse[row.vendor])  # said above
         if note:
             actions.append((f"Read the warning about {row.vendor} under Input problems: {note}.",))
 
@@ -865,7 +870,8 @@ def _baseline(card) -> list:
 
 _PROVENANCE_NAMES = {"dataset_version": "Dataset version (DVC)", "model": "Model", "model_version": "Model version",
                      "model_trained_on": "Model trained on dataset", "head": "Model head",
-                     "mlflow_run": "MLflow run", "generated_at": "Report generated"}
+                     "mlflow_run": "MLflow run", "generated_at": "Report generated",
+                     "worsening_window_days": "Worsening test: recent deliveries within (days)"}
 
 
 def _provenance(provenance: dict) -> list:

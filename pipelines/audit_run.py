@@ -158,6 +158,9 @@ def _audit_locked(home: Path, retrain: bool, debug: bool, ingest_only: bool = Fa
     elif _contract_changed(scorecard_path, settings):
         log.info("the contract changed in %s: re-scoring (no retraining)", home / CONFIG_NAME)
         execute("score_vendors")
+    elif _worsening_window_changed(audit_home, settings):
+        log.info("worsening_window_days changed in %s: re-scoring (no retraining)", home / CONFIG_NAME)
+        execute("score_vendors")
     else:
         log.info("no new curated delivery under %s: the scorecard is current", home / "landing")
     return AuditRun(pd.read_csv(scorecard_path), summary(keys, changed))
@@ -172,6 +175,16 @@ def _contract_changed(scorecard_path: Path, settings) -> bool:
     scorecard = read_scorecard(scorecard_path)
     limits = vendor_limits(scorecard["vendor"], settings.contract_max_error_rate, settings.contract_overrides)
     return limits_changed(scorecard, limits)
+
+
+def _worsening_window_changed(audit_home, settings) -> bool:
+    """Whether ``worsening_window_days`` differs from the one the last audit's worsening test used
+    (recorded in provenance.json where set)."""
+    import json
+
+    provenance = audit_home.reports / "provenance.json"
+    used = json.loads(provenance.read_text()).get("worsening_window_days") if provenance.is_file() else None
+    return used != settings.worsening_window_days
 
 
 def _scored_another_version(audit_home, dvc) -> bool:

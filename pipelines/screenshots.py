@@ -77,10 +77,10 @@ class Browser:
 
 
 def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0, focus: str = "",
-            absent: tuple[str, ...] = ()) -> str:
+            absent: tuple[str, ...] = (), focus_at: str = "center") -> str:
     """Screenshot ``url`` into ``png`` once every expected name shows (pop-ups skipped), with the element
-    whose text is ``focus`` scrolled to the middle when given; return the page text. Fails when a text
-    of ``absent`` (a pop-up's) is on the page."""
+    whose text is ``focus`` scrolled to the middle (``focus_at`` "start": to the top) when given; return
+    the page text. Fails when a text of ``absent`` (a pop-up's) is on the page."""
     with tempfile.TemporaryDirectory() as profile:
         browser = Browser(profile)
         try:
@@ -103,9 +103,9 @@ def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0,
                              "(b.textContent.trim() || b.getAttribute('aria-label') || '').trim(); "
                              "if (['Skip', 'Dismiss', 'Close'].includes(name)) b.click(); }")
             if focus:
-                browser.evaluate(f"[...document.querySelectorAll('td, th, span, div')].reverse()"
+                browser.evaluate(f"[...document.querySelectorAll('td, th, span, div, h1, h2, h3')].reverse()"
                                  f".find(e => e.textContent.trim() === {json.dumps(focus)})"
-                                 f"?.scrollIntoView({{block: 'center'}})")
+                                 f"?.scrollIntoView({{block: {json.dumps(focus_at)}}})")
             time.sleep(1.0)
             shot = browser.call("Page.captureScreenshot", format="png")
             png.write_bytes(base64.b64decode(shot["data"]))
@@ -121,8 +121,13 @@ def capture(url: str, png: Path, expected: tuple[str, ...], settle: float = 8.0,
     return text
 
 
+REPORT_TRENDS = "Over time"  # the report's section with the trend plots (ml.report)
+
+
 def take_screenshots(home: Path, out: Path, logs: Path) -> list[Path]:
-    """Start both servers on 127.0.0.1 for this home, capture the two pages, stop the servers."""
+    """Start both servers on 127.0.0.1 for this home, capture the two pages, stop the servers; then the
+    rendered report.html at its trend plots, where the report has them (a vendor's second delivery or
+    the home's second audit)."""
     out.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
     shots = []
@@ -144,5 +149,10 @@ def take_screenshots(home: Path, out: Path, logs: Path) -> list[Path]:
         png = out / "mlflow-run-comparison.png"
         capture(f"{base}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}&{MODEL_TRAINING_VIEW}", png,
                 ("heldout_accuracy",), focus="heldout_accuracy")
+        shots.append(png)
+    report = home / "reports" / "report.html"
+    if report.is_file() and f"<h2>{REPORT_TRENDS}</h2>" in report.read_text(encoding="utf-8"):
+        png = out / "report-over-time.png"
+        capture(report.resolve().as_uri(), png, (REPORT_TRENDS,), settle=1.0, focus=REPORT_TRENDS, focus_at="start")
         shots.append(png)
     return shots

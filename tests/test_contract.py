@@ -3,6 +3,7 @@ check, and as `run`'s exit status 4 on a real audited home."""
 
 import contextlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -361,3 +362,10 @@ def test_run_exits_4_when_a_vendor_breaches_its_contract(audited_home, tmp_path)
     assert pd.read_csv(home / "reports" / "scorecard.csv").set_index("vendor").at["a", "contract_limit"] == 0.4
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=home, env=env, capture_output=True, text=True)
     assert status.stdout.split() == ["ingest:", "always", "changed"], status.stdout
+
+    # the worsening test's window changed, nothing else: re-scored (no training), the window recorded
+    provenance = json.loads((home / "reports" / "provenance.json").read_text())
+    write_settings(home, replace(load_settings(home), worsening_window_days=7))
+    assert _run(["run", "--home", str(home), "--no-breach-status"])[0] == 0
+    rescored = json.loads((home / "reports" / "provenance.json").read_text())
+    assert "worsening_window_days" not in provenance and rescored["worsening_window_days"] == 7

@@ -361,3 +361,15 @@ def test_write_section_still_replaces_only_its_marked_section(tmp_path):
     write_section(path, "bench", "second")
     text = path.read_text()
     assert "second" in text and "first" not in text and "kept" in text
+
+
+def test_a_vendor_that_got_worse_is_named_in_the_summary_with_its_evidence_once():
+    worse = ("got worse: its newest delivery batch-3 reads 14.8% against 4.4% for its earlier ones, +10.4 points "
+             "(95% interval +7.1 to +13.1; Holm-adjusted p = 0.015 across the vendors tested)")
+    card = _scorecard().assign(worsening=["", worse, ""], note=["", worse, "only 12 images delivered"])
+    summary = _section(_report(card=card).markdown, "Summary")
+    assert ("**b got worse**: its newest delivery batch-3 reads 14.8% against 4.4% for its earlier ones, +10.4 "
+            "points (95% interval +7.1 to +13.1; Holm-adjusted p = 0.015 across the vendors tested). The section "
+            "Over time plots each delivery.") in summary
+    assert summary.count("batch-3 reads 14.8%") == 1  # not repeated as a warning to read
+    assert "got worse" not in _section(_report().markdown, "Summary")

@@ -85,7 +85,7 @@ def test_screenshots_show_the_lineage_and_the_run_comparison(audited_home, tmp_p
 
     from pipelines.screenshots import take_screenshots
 
-    lineage, comparison = take_screenshots(audited_home, tmp_path / "img", tmp_path / "logs")
+    lineage, comparison = take_screenshots(audited_home, tmp_path / "img", tmp_path / "logs")  # one audit: no trends
     for png in (lineage, comparison):
         with Image.open(png) as image:
             assert image.size == (1600, 1000)

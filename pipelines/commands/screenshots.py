@@ -1,4 +1,5 @@
-"""``vendor-audit screenshots``: the Dagster lineage and the MLflow run comparison as PNG files."""
+"""``vendor-audit screenshots``: the Dagster lineage, the MLflow run comparison and the report's trend
+plots as PNG files."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ log = logging.getLogger("vendor_audit")
 
 
 def register(add) -> None:
-    p = add("screenshots", "screenshot the Dagster lineage and the MLflow run comparison (headless Chromium)")
+    p = add("screenshots", "screenshot the Dagster lineage, the MLflow run comparison and the report's trend plots "
+                           "(headless Chromium)")
     p.add_argument("--out", type=Path, default=Path("docs/img"), help="folder the PNG files are written to")
     p.set_defaults(handler=screenshots, needs_home=True)
 
