@@ -60,6 +60,7 @@ def register(add) -> None:
                         "CIFAR-10N worker labels), comma-separated")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits behind each interval and test "
                                                               "(the product's default)")
+    p.add_argument("--processes", type=int, default=1, help="audits run at once, one process each")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-drift section is replaced (created if missing)")
     p.set_defaults(handler=bench_drift, needs_home=False)
@@ -133,9 +134,9 @@ def bench_drift(args) -> None:
     started = time.perf_counter()
     # as vendor-audit bench trains: 3-fold l2softmax CNN on Fashion-MNIST, the photos' 5-fold softmax probe
     simulated = run_simulated(args.seeds, BenchConfig(folds=3, head="l2softmax", bootstrap=args.bootstrap,
-                                                      cache=cache)) if "simulated" in data else []
+                                                      cache=cache), args.processes) if "simulated" in data else []
     photos = run_photos(args.seeds, BenchConfig(folds=5, head="softmax", bootstrap=args.bootstrap,
-                                                cache=cache)) if "photos" in data else []
+                                                cache=cache), args.processes) if "photos" in data else []
     text = format_drift(summarize(simulated, photos))
     print(text)
     text = (f"## `{_bench_command('bench-drift')}`\n\n"
