@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-packages label-studio demo test bench ui mlflow-ui
 
-# Debian packages: the Fashion-MNIST demo data and headless Chromium for the UI screenshots
-# (needs root: run as root or with sudo available)
-DEBIAN_PACKAGES := dataset-fashion-mnist chromium
+# Debian packages: the Fashion-MNIST demo data, headless Chromium for the UI screenshots, and PostgreSQL for
+# the test of a Dagster instance kept there (needs root: run as root or with sudo available)
+DEBIAN_PACKAGES := dataset-fashion-mnist chromium postgresql
 system-packages:
 	@if ! dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -125,7 +125,7 @@ def bench_drift(args) -> None:
     from bench.accuracy import BenchConfig
     from bench.drift import format_drift, run_photos, run_simulated, summarize
 
-    console_logging("ml")
+    console_logging("ml", "bench")
     data = {d.strip() for d in args.data.split(",")}
     unknown = data - {"simulated", "photos"}
     if unknown:
