@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from ml.files import atomic_write_bytes
+from ml.plots import figure_png, pyplot
 from ml.scorecard import RATED
 
 # one row per vendor and audit: what a buyer compares across nights
@@ -69,32 +70,23 @@ def write_history(path: Path, history: pd.DataFrame) -> None:
 
 
 def _panels(vendors: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     columns = min(len(vendors), 3)
     rows = -(-len(vendors) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows), squeeze=False, sharey=True)
     for ax in axes.flat[len(vendors):]:
         ax.set_visible(False)
-    return plt, fig, list(axes.flat[:len(vendors)])
+    return fig, list(axes.flat[:len(vendors)])
 
 
-def _finish(plt, fig, axes, frame: pd.DataFrame, title: str) -> bytes:
+def _finish(fig, axes, frame: pd.DataFrame, title: str) -> bytes:
     """Every panel on one scale, from 0 to above the highest interval end and contract limit."""
     ends = [pd.to_numeric(frame.get(c, pd.Series(dtype=float)), errors="coerce") for c in
             ("error_rate_high", "contract_limit")]
     top = max([float(end.max()) for end in ends if end.notna().any()] + [0.01])
     for ax in axes:
         ax.set_ylim(0, 100 * top * 1.12)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, title)
 
 
 def _rate_with_interval(ax, x, frame: pd.DataFrame, colour: str) -> None:
@@ -118,7 +110,7 @@ def delivery_trend_plot(deliveries: pd.DataFrame) -> bytes:
     (vendor, delivery, delivered_at, error_rate, error_rate_low, error_rate_high, status
     [, contract_limit]); deliveries too small to rate are named but not drawn."""
     vendors = sorted(deliveries["vendor"].astype(str).unique())
-    plt, fig, axes = _panels(vendors)
+    fig, axes = _panels(vendors)
     for ax, vendor in zip(axes, vendors):
         mine = deliveries[deliveries["vendor"].astype(str) == vendor].sort_values(["delivered_at", "delivery"])
         x = np.arange(len(mine))
@@ -130,7 +122,7 @@ def delivery_trend_plot(deliveries: pd.DataFrame) -> bytes:
         ax.set_title(vendor, fontsize=10)
         ax.set_ylabel("error rate (%)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    return _finish(plt, fig, axes, deliveries[deliveries["status"] == RATED],
+    return _finish(fig, axes, deliveries[deliveries["status"] == RATED],
                    "Error rate per delivery (95% interval), oldest first")
 
 
@@ -138,7 +130,7 @@ def audit_trend_plot(history: pd.DataFrame) -> bytes:
     """PNG: each vendor's error rate with its 95% interval in every audit of ``history`` (HISTORY_COLUMNS),
     one panel per vendor, by audit time, the contract's limit dashed where set."""
     vendors = sorted(history["vendor"].unique())
-    plt, fig, axes = _panels(vendors)
+    fig, axes = _panels(vendors)
     times = pd.to_datetime(history["audited_at"], utc=True, errors="coerce")
     for ax, vendor in zip(axes, vendors):
         mine = (history.assign(_time=times)[(history["vendor"] == vendor) & (history["status"] == RATED)]
@@ -153,4 +145,4 @@ def audit_trend_plot(history: pd.DataFrame) -> bytes:
         ax.set_ylabel("error rate (%)", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.tick_params(axis="x", labelsize=7, rotation=30)
-    return _finish(plt, fig, axes, history[history["status"] == RATED], "Error rate in each audit (95% interval)")
+    return _finish(fig, axes, history[history["status"] == RATED], "Error rate in each audit (95% interval)")

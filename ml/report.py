@@ -18,6 +18,7 @@ from ml.contract import MODEL_ONLY_CAVEAT, basis_lines, got_worse, verdict_lines
 from ml.delivery import QUARANTINE_COLUMNS, DeliveryError, load_curated_delivery
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.history import audit_trend_plot, delivery_trend_plot
+from ml.plots import figure_png, pyplot
 from ml.reliability import Reliability, reliability_lines
 from ml.scorecard import MODEL_ONLY, RATED, UPPER_ONLY_NOTE, disagreements, format_p_value, rate_basis
 from ml.thumbnails import thumbnail_png
@@ -62,10 +63,6 @@ def confusion_plot(confusion: np.ndarray, classes: tuple[str, ...], title: str) 
     correctly) is neutral grey; the off-diagonal (mistakes) has its own colour scale with a colour
     bar (``confusion_colours``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib import cm
     from matplotlib.patches import Patch
 
@@ -77,7 +74,7 @@ def confusion_plot(confusion: np.ndarray, classes: tuple[str, ...], title: str) 
     diagonal = np.eye(k, dtype=bool)
     shown = confusion >= BLANK_BELOW
 
-    fig, ax = plt.subplots(figsize=(0.46 * k + 3.2, 0.42 * k + 2.2))
+    fig, ax = pyplot().subplots(figsize=(0.46 * k + 3.2, 0.42 * k + 2.2))
     ax.imshow(rgba, interpolation="nearest")
     ax.set_xticks(np.arange(k), classes, rotation=45 if max(map(len, classes)) > 2 else 0,
                   ha="right" if max(map(len, classes)) > 2 else "center", fontsize=9)
@@ -101,12 +98,7 @@ def confusion_plot(confusion: np.ndarray, classes: tuple[str, ...], title: str) 
     ax.legend(handles=[Patch(facecolor=DIAGONAL_GREY, edgecolor="#999999", label="correct label (diagonal)"),
                        Patch(facecolor="white", edgecolor="#999999", label="blank: under 0.5%")],
               loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, frameon=False, fontsize=8)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, title)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
