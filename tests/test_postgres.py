@@ -12,6 +12,9 @@ from pipelines.cli import main
 from pipelines.home import open_instance
 from pipelines.resources import AuditHome
 from postgres_server import postgres_server
+from test_readme import block_starting, run_lines
+
+README_URL = "postgresql+psycopg2://user:password@db.internal:5432/vendor_audit"
 
 
 def _count(url: str, sql: str) -> int:
@@ -30,11 +33,15 @@ def test_an_audit_its_sensor_and_schedule_run_on_an_instance_kept_in_postgresql(
         assert not home.exists()
         monkeypatch.setenv("VA_DAGSTER_PG", url.replace("+psycopg2", ""))  # the driver left out: said so
         assert main(init) == 2 and "through psycopg2" in capsys.readouterr().err
+        assert not home.exists()
 
-        monkeypatch.setenv("VA_DAGSTER_PG", url)
-        assert main(init) == 0
+        # the README's lines, as written: the URL exported, then init
+        readme = block_starting("export DAGSTER_PG_URL")
+        run_lines([" && ".join(readme)], tmp_path, {"DIR": str(home), "cat,dog": classes,
+                                                    README_URL: url})
         config = (home / "dagster" / "dagster.yaml").read_text()
-        assert "postgres_url:\n      env: VA_DAGSTER_PG" in config and url not in config  # no URL in the home
+        assert "postgres_url:\n      env: DAGSTER_PG_URL" in config and url not in config  # no URL in the home
+        monkeypatch.setenv("DAGSTER_PG_URL", url)
         make_home(home, {"a": 0.0, "b": 0.2}, per_vendor=120, epochs=3, heads=("softmax",))  # storage, not accuracy
 
         assert main(["run", "--home", str(home)]) == 0

@@ -49,6 +49,7 @@ BLOCKS = {
     "VENDOR_AUDIT_HOME=$PWD/home": "test_dagsters_own_command_line_on_a_home_as_the_readme_shows",
     "PATH=$PWD/.venv/bin:$PATH dvc repro": "test_make_demo_and_the_demo_as_a_dvc_pipeline_as_the_readme_shows",
     "vendor-audit plan   --home DIR": "test_label_studio.py::test_answers_pulled_from_label_studio_and_from_cvat_rescore_the_audit",
+    "export DAGSTER_PG_URL": "test_postgres.py::test_an_audit_its_sensor_and_schedule_run_on_an_instance_kept_in_postgresql",
 }
 
 
