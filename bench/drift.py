@@ -114,6 +114,7 @@ def _audit(dataset: str, seed: int, image: np.ndarray, vendor: np.ndarray, deliv
     wrong = given != true
     frame = pd.DataFrame({"vendor": vendor, "delivery": batch, "wrong": wrong})
     per_delivery = frame.groupby(["vendor", "delivery"])["wrong"].mean()
+    per_vendor = frame.groupby("vendor")["wrong"].mean()
     newest = f"d{DELIVERIES}"
     true_difference = {v: float(per_delivery[v][newest] - frame[(frame.vendor == v) & (frame.delivery != newest)]
                                 ["wrong"].mean()) for v in result.vendors}
@@ -128,7 +129,7 @@ def _audit(dataset: str, seed: int, image: np.ndarray, vendor: np.ndarray, deliv
         limits = vendor_limits(result.vendors, limit, {})
         judged = pd.concat([card, contract_verdicts(card, limits, issues, [])], axis=1)
         verdicts.append(pd.DataFrame({"level": "vendor", "name": judged["vendor"], "limit": limit,
-                                      "true_rate": judged["vendor"].map(frame.groupby("vendor")["wrong"].mean()),
+                                      "true_rate": judged["vendor"].map(per_vendor),
                                       "verdict": judged["contract_verdict"],
                                       "checks_to_decide": judged["checks_to_decide"]}))
         judged = with_delivery_contract(deliveries, limits, by_delivery, [])

@@ -19,9 +19,8 @@ HISTORY_COLUMNS = ["audited_at", "dataset_version", "model_version", "checks_ver
                    "contract_verdict", "contract_action"]
 # an audit is the same audit when these are: a re-run of it replaces its rows instead of adding a night
 AUDIT_KEY = ["dataset_version", "model_version", "checks_version"]
-_TEXT = ["audited_at", "dataset_version", "model_version", "checks_version", "vendor", "basis", "status",
-         "contract_verdict", "contract_action"]
 _NUMBERS = ["n_images", "error_rate", "error_rate_low", "error_rate_high", "contract_limit"]
+_TEXT = [c for c in HISTORY_COLUMNS if c not in _NUMBERS]
 
 
 def read_history(path: Path) -> pd.DataFrame:

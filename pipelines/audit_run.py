@@ -177,26 +177,27 @@ def _contract_changed(scorecard_path: Path, settings) -> bool:
     return limits_changed(scorecard, limits)
 
 
+def _last_provenance(audit_home) -> dict:
+    """The last audit's provenance.json ({} before the first audit)."""
+    import json
+
+    path = audit_home.reports / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _worsening_window_changed(audit_home, settings) -> bool:
     """Whether ``worsening_window_days`` differs from the one the last audit's worsening test used
     (recorded in provenance.json where set)."""
-    import json
-
-    provenance = audit_home.reports / "provenance.json"
-    used = json.loads(provenance.read_text()).get("worsening_window_days") if provenance.is_file() else None
-    return used != settings.worsening_window_days
+    return _last_provenance(audit_home).get("worsening_window_days") != settings.worsening_window_days
 
 
 def _scored_another_version(audit_home, dvc) -> bool:
     """Whether the reports were written for another dataset version than the one in curated/ (after
     ``vendor-audit checkout`` back to the latest, say)."""
-    import json
-
-    provenance = audit_home.reports / "provenance.json"
-    if not provenance.is_file() or not (audit_home.root / "curated.dvc").is_file():
+    provenance = _last_provenance(audit_home)
+    if not provenance or not (audit_home.root / "curated.dvc").is_file():
         return False
-    scored = json.loads(provenance.read_text()).get("dataset_version")
-    return scored != dvc.version_of("curated")
+    return provenance.get("dataset_version") != dvc.version_of("curated")
 
 
 def _execute(defs, job_name: str, instance, debug: bool, run_config: dict | None = None, **kwargs) -> None:
