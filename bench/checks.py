@@ -11,7 +11,7 @@ import numpy as np
 from bench.accuracy import SCENARIOS, BenchConfig, _model_outputs
 from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabilities
 from ml.datasets import load_dataset
-from ml.estimate import fit_noise_model, wilson_interval
+from ml.estimate import fit_noise_model, vendor_error_rates, wilson_interval
 from ml.issues import counted_as_error
 from ml.simulate import copy_confident_mistakes
 
@@ -28,6 +28,26 @@ def uniform_checks_for_halfwidth(rate: float, per_vendor: int, target: float = T
         if (high - low) / 2 <= target:
             return n
     return per_vendor
+
+
+def taught_by_other_vendors(model_error: np.ndarray, drawn: np.ndarray, wrong: np.ndarray, inclusion: np.ndarray,
+                            vendor: np.ndarray, n_vendors: int) -> np.ndarray:
+    """Each vendor's model-only rate re-corrected with the visibility the *other* vendors' checks measured
+    (V,): ``(raw - f_c) / (s_c - f_c)``, with ``raw`` the vendor's mean ``model_error`` (N,) and ``s_c``,
+    ``f_c`` the Horvitz-Thompson means of ``model_error`` over the other vendors' checked wrong and
+    checked correct labels. This is what "checks teach the model-only path" would give a vendor with no
+    checks of its own; it holds only where vendors' errors are equally visible (docs/method.md)."""
+    weight = np.where(drawn, 1 / np.where(drawn, inclusion, 1), 0.0)
+    raw = np.bincount(vendor, weights=model_error, minlength=n_vendors) / np.bincount(vendor, minlength=n_vendors)
+    taught = np.full(n_vendors, np.nan)
+    for v in range(n_vendors):
+        others = weight * (vendor != v)
+        on_wrong, on_right = others * wrong, others * ~wrong
+        if on_wrong.sum() and on_right.sum():
+            detected = (on_wrong * model_error).sum() / on_wrong.sum()
+            false_alarm = (on_right * model_error).sum() / on_right.sum()
+            taught[v] = np.clip((raw[v] - false_alarm) / max(detected - false_alarm, 1e-6), 0, 1)
+    return taught
 
 
 def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, draws: int = 20) -> dict:
@@ -47,10 +67,11 @@ def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, d
     keys = np.arange(len(f)).astype(str)
     useless = np.random.default_rng(seed).random(len(f))
     rng = np.random.default_rng([seed, 7])
-    figures = {"truth": truth, "vendors": list(sim.vendors)}
+    model_only = vendor_error_rates(probs, sim.given, sim.vendor, model, counted_as_error(), n_boot=1).rate
+    figures = {"truth": truth, "vendors": list(sim.vendors), "model_only": model_only}
     n_per_vendor = np.bincount(sim.vendor)
     for budget in sorted(set(budgets) | set(SEARCH)):
-        combined, useless_rates, uniform = [], [], []
+        combined, useless_rates, uniform, taught = [], [], [], []
         plans = [(model_error, inclusion_probabilities(model_error, sim.vendor, np.full(n_vendors, budget)), out)
                  for model_error, out in ((f, combined), (useless, useless_rates))]
         n = np.minimum(budget, n_per_vendor)
@@ -58,6 +79,8 @@ def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, d
             for model_error, pi, out in plans:
                 drawn = draw_plan(pi, keys, 1000 * budget + draw)
                 out.append(checked_error_rates(model_error, drawn, wrong, pi, sim.vendor, n_vendors))
+                if out is combined:
+                    taught.append(taught_by_other_vendors(f, drawn, wrong, pi, sim.vendor, n_vendors))
             errors = np.array([wrong[rng.choice(np.flatnonzero(sim.vendor == v), n[v], replace=False)].sum()
                                for v in range(n_vendors)])
             uniform.append((errors / n, *wilson_interval(errors, n)))
@@ -65,6 +88,7 @@ def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, d
             "rate": np.array([r.rate for r in combined]), "low": np.array([r.low for r in combined]),
             "high": np.array([r.high for r in combined]),
             "useless_width": np.array([r.high - r.low for r in useless_rates]),
+            "taught": np.array(taught),
             "uniform_rate": np.array([u[0] for u in uniform]), "uniform_low": np.array([u[1] for u in uniform]),
             "uniform_high": np.array([u[2] for u in uniform]),
         }
@@ -93,6 +117,8 @@ def summarize_checks(key: str, runs: list[dict], budgets=BUDGETS) -> dict:
             "uniform_width": float((u_high - u_low).mean()), "uniform_mae": float(np.abs(u_rate - t).mean()),
             "useless_ratio": float(stacked("useless_width").mean() / (u_high - u_low).mean()),
             "zero_reached": float((low[np.broadcast_to(perfect, low.shape)] == 0).mean()) if perfect.any() else np.nan,
+            "model_only_mae": float(np.abs(np.stack([r["model_only"] for r in runs]) - truth).mean()),
+            "taught_mae": float(np.nanmean(np.abs(stacked("taught") - t))),
         })
     needed, uniform_needed = [], []
     for v in range(len(vendors)):
@@ -107,8 +133,9 @@ def format_checks_table(summaries: list[dict]) -> str:
     """Markdown: per scenario and budget, the combined estimate beside uniform checks with Wilson
     intervals; then the checks each vendor needs for +-2 points."""
     lines = ["| scenario | checks per vendor | 95% coverage (worst vendor) | mean width, points | MAE, points | "
-             "uniform + Wilson: coverage, width, MAE | useless model: width / uniform width | 0% vendor reaches 0 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "uniform + Wilson: coverage, width, MAE | useless model: width / uniform width | 0% vendor reaches 0 | "
+             "model only: MAE, and re-corrected by the other vendors' checks |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         for row in s["rows"]:
             zero = "n/a" if np.isnan(row["zero_reached"]) else f"{100 * row['zero_reached']:.0f}%"
@@ -116,7 +143,8 @@ def format_checks_table(summaries: list[dict]) -> str:
                 f"| {s['key']} {s['title']} | {row['budget']} | {100 * row['coverage']:.1f}% "
                 f"({100 * row['coverage_min_vendor']:.1f}%) | {100 * row['width']:.1f} | {100 * row['mae']:.2f} | "
                 f"{100 * row['uniform_coverage']:.1f}%, {100 * row['uniform_width']:.1f}, "
-                f"{100 * row['uniform_mae']:.2f} | {row['useless_ratio']:.2f} | {zero} |")
+                f"{100 * row['uniform_mae']:.2f} | {row['useless_ratio']:.2f} | {zero} | "
+                f"{100 * row['model_only_mae']:.2f} → {100 * row['taught_mae']:.2f} |")
     lines += ["", "Checks per vendor for a 95% half-width of at most 2 points (mean over seeds and draws; planner "
               "searched over " + ", ".join(map(str, SEARCH)) + "; uniform: Wilson at the true rate):", "",
               "| scenario | vendor (true %) | planner + model | uniform + Wilson |", "|---|---|---|---|"]

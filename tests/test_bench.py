@@ -4,7 +4,8 @@ import numpy as np
 
 from bench.accuracy import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
                       run_late_seed, run_seed, summarize, summarize_late)
-from bench.checks import format_checks_table, run_checks_seed, summarize_checks, uniform_checks_for_halfwidth
+from bench.checks import (format_checks_table, run_checks_seed, summarize_checks, taught_by_other_vendors,
+                          uniform_checks_for_halfwidth)
 from ml.estimate import wilson_interval
 
 
@@ -28,12 +29,33 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     checks = run_checks_seed("E", 0, config, budgets=(25, 100), draws=3)
     assert checks[100]["rate"].shape == (3, 3) and np.all(checks[100]["low"] <= checks[100]["high"])
     assert np.all(checks[100]["low"][:, 0] == 0)  # the perfect vendor's interval reaches 0
+    assert checks[100]["taught"].shape == (3, 3) and checks["model_only"].shape == (3,)
     summary = summarize_checks("E", [checks], budgets=(25, 100))
     assert [row["budget"] for row in summary["rows"]] == [25, 100]
     assert all(0 <= row["coverage"] <= 1 and row["width"] > 0 for row in summary["rows"])
     assert summary["rows"][1]["width"] < summary["rows"][0]["width"]  # more checks, narrower intervals
     table = format_checks_table([summary])
     assert "| E digits (8x8 upscaled), 3 x 550 | 100 |" in table and "| E | c (20.0) |" in table
+
+
+def test_visibility_taught_by_other_vendors_checks():
+    """Re-correcting a vendor's mean probability of error with the visibility measured on the other
+    vendors' checks recovers its rate where all vendors' errors are equally visible, and reads a vendor
+    whose errors are harder to see low (why the product does not do it)."""
+    rng = np.random.default_rng(0)
+    n, rates = 20000, np.array([0.05, 0.1, 0.2])
+    vendor = np.repeat(np.arange(3), n)
+    wrong = rng.random(3 * n) < rates[vendor]
+    visible = np.where(wrong, rng.beta(6, 3, 3 * n), rng.beta(1, 30, 3 * n))  # p_error: 0.67 on wrong labels
+    everything = np.ones(3 * n, bool)
+    taught = taught_by_other_vendors(visible, everything, wrong, np.ones(3 * n), vendor, 3)
+    np.testing.assert_allclose(taught, rates, atol=0.01)
+    hidden = np.where(wrong & (vendor == 0), rng.beta(3, 6, 3 * n), visible)  # vendor 0: 0.33 on its wrong labels
+    taught = taught_by_other_vendors(hidden, everything, wrong, np.ones(3 * n), vendor, 3)
+    assert taught[0] < 0.6 * rates[0]
+    planned = rng.random(3 * n) < 0.05  # a 5% uniform sample of checks: weights 1/0.05
+    taught = taught_by_other_vendors(visible, planned, wrong, np.full(3 * n, 0.05), vendor, 3)
+    np.testing.assert_allclose(taught, rates, atol=0.02)
 
 
 def test_wilson_intervals_and_uniform_checks_needed():
