@@ -113,3 +113,25 @@ def test_a_photo_scenario_trains_a_probe_on_cached_backbone_features(tmp_path, m
     assert run["top1"] > 0.6  # pretrained features separate the digits far above chance (0.1)
     assert len(list((tmp_path / "cache").glob("Ptest-s0-*-efficientnet_lite0-probe.npz"))) == 1
     assert any((tmp_path / "cache" / "features").rglob("*"))
+
+
+def test_scale_benchmark_times_every_stage_on_a_synthetic_collection():
+    """bench-scale's synthetic collection has the vendors' error rates and deliveries it says, and one
+    size's measurement times every stage, in a process of its own, with a table and a log-log plot."""
+    from bench.scale import (PER_DELIVERY, STAGES, VENDOR_RATES, format_scale, run_scale_benchmark, scale_plot,
+                             synthetic_collection)
+
+    rows, probs, embeddings, classes, wrong = synthetic_collection(40_000)
+    assert probs.shape == (40_000, 10) and embeddings.shape == (40_000, 128) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    shares = rows.assign(wrong=wrong).groupby("vendor")["wrong"].mean().to_numpy()
+    np.testing.assert_allclose(shares, VENDOR_RATES, atol=0.006)
+    assert rows.groupby("vendor")["batch"].nunique().tolist() == [10_000 // PER_DELIVERY] * 4
+    results = run_scale_benchmark([1000, 2000], n_boot=5)
+    assert [r["n_images"] for r in results] == [1000, 2000]
+    for r in results:
+        assert set(r["seconds"]) == set(STAGES) and all(s > 0 for s in r["seconds"].values())
+        assert max(r["peak_mb"].values()) > 50 and r["mae_points"] < 10
+    table = format_scale(results, "vendor-audit bench-scale --sizes 1000,2000")
+    assert "| 2,000 |" in table and "Log-log slope from 1,000 to 2,000 images" in table
+    assert scale_plot(results).startswith(b"\x89PNG")

@@ -83,7 +83,8 @@ def test_every_command_has_a_handler_and_says_whether_it_needs_a_home():
         assert callable(parser.get_default("handler")) and parser.get_default("needs_home") in (True, False), name
     # the commands that create a home
     assert {name for name, parser in leaves.items() if not parser.get_default("needs_home")} == \
-        {"init", "simulate", "demo", "bench", "bench-checks", "bench-incremental", "bench-drift"}
+        {"init", "simulate", "demo", "bench", "bench-checks", "bench-incremental", "bench-drift",
+         "bench-scale"}
 
 
 @pytest.mark.parametrize("command", [name for name, parser in _commands(build_parser()).items()

@@ -1,5 +1,5 @@
-"""``vendor-audit bench``, ``bench-checks`` and ``bench-incremental``: the benchmarks, each writing its
-section of BENCHMARKS.md."""
+"""``vendor-audit bench``, ``bench-checks``, ``bench-incremental``, ``bench-drift`` and ``bench-scale``: the
+benchmarks, each writing its section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -64,6 +64,15 @@ def register(add) -> None:
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-drift section is replaced (created if missing)")
     p.set_defaults(handler=bench_drift, needs_home=False)
+    p = add("bench-scale", "time the estimation stages (label issues and rates, scorecard, check plan, report) "
+                           "as the collection grows, with peak memory")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="image counts, comma-separated")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits (the product's default)")
+    p.add_argument("--plot", type=Path, default=Path("docs/img/scale.png"),
+                   help="PNG of seconds against images per stage, log-log")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-scale section is replaced (created if missing)")
+    p.set_defaults(handler=bench_scale, needs_home=False)
 
 
 def bench(args) -> None:
@@ -147,16 +156,32 @@ def bench_drift(args) -> None:
     _write_bench_section(args.output, "bench-drift", text)
 
 
+def bench_scale(args) -> None:
+    from bench.scale import format_scale, run_scale_benchmark, scale_plot
+    from ml.files import atomic_write_bytes
+
+    console_logging("ml", "bench")
+    sizes = [int(n) for n in args.sizes.split(",")]
+    if sorted(sizes) != sizes or sizes[0] < 1000:
+        raise SystemExit(f"--sizes: increasing image counts of at least 1000 (got {args.sizes})")
+    results = run_scale_benchmark(sizes, args.bootstrap)
+    text = format_scale(results, _bench_command("bench-scale"))
+    print(text)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.plot, scale_plot(results))
+    _write_bench_section(args.output, "bench-scale", text + f"\n![time against images]({args.plot.as_posix()})\n")
+
+
 def _without_paths(argv: list[str]) -> list[str]:
-    """Command-line words without ``--home DIR`` and ``--output FILE`` (machine-specific paths), for
+    """Command-line words without ``--home DIR``, ``--output FILE`` and ``--plot FILE`` (machine-specific paths), for
     reproduce lines."""
     kept, skip = [], False
     for word in argv:
         if skip:
             skip = False
-        elif word in ("--home", "--output"):
+        elif word in ("--home", "--output", "--plot"):
             skip = True
-        elif not word.startswith(("--home=", "--output=")):
+        elif not word.startswith(("--home=", "--output=", "--plot=")):
             kept.append(word)
     return kept
 
