@@ -26,7 +26,8 @@ def _train_config(settings, head: str, backbone: str = "small_cnn", weights: str
                   training: str = SCRATCH) -> TrainConfig:
     return TrainConfig(head=head, epochs=settings.epochs, batch_size=settings.batch_size,
                        learning_rate=settings.learning_rate, folds=settings.folds, seed=settings.seed,
-                       backbone=backbone, weights=weights, training=training)
+                       backbone=backbone, weights=weights, training=training, engine=settings.engine,
+                       ray_address=settings.ray_address)
 
 
 def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, tuple[str, ...]]:

@@ -69,6 +69,8 @@ class Settings:
     label_studio_url: Annotated[str, Strict()] = ""  # the server checks pull answers from; empty: none
     label_studio_project: Annotated[StrictInt, Field(ge=1)] | None = None  # its project of hand checks
     cvat_url: Annotated[str, Strict()] = ""  # the CVAT server checks push creates tasks on; empty: none
+    engine: Literal["local", "ray"] = "local"  # where backbone features are computed (ml.features)
+    ray_address: Annotated[str, Strict()] = ""  # engine ray: auto or ray://host:port; empty: a local Ray per run
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -213,6 +215,8 @@ RULES = {
     "label_studio_url": "a string: the Label Studio server's address, e.g. http://127.0.0.1:8080; empty for none",
     "label_studio_project": "null, or the id (an integer >= 1) of the Label Studio project of hand checks",
     "cvat_url": "a string: the CVAT server's address, e.g. https://cvat.example.com; empty for none",
+    "engine": "local or ray",
+    "ray_address": "a string: auto, or ray://host:port; empty for a local Ray started for the run",
 }
 # What each setting means, for the comments of a written settings file (README: Settings).
 HELP = {
@@ -248,6 +252,10 @@ HELP = {
     "label_studio_project": "the id of its project of hand checks (in the project's URL); null: none",
     "cvat_url": "CVAT server that vendor-audit checks push creates tasks on and checks pull --from cvat reads "
                 "(its token: the environment variable CVAT_ACCESS_TOKEN, never this file); empty: none",
+    "engine": "where pretrained-backbone features are computed: local (this process) or ray (a Ray cluster, "
+              "see ray_address)",
+    "ray_address": "with engine ray: auto (the cluster this machine belongs to) or ray://host:port; empty: a local "
+                   "Ray started for the run and stopped after it",
 }
 SETTINGS_HEADER = ("# vendor-audit settings, checked strictly before every run: an unknown name or a value of the "
                    "wrong type stops it\n# with a message naming the setting. The README's section Settings "

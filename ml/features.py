@@ -27,6 +27,7 @@ from ml.files import atomic_write_bytes, atomic_write_text
 from ml.image_stack import read_rows
 
 log = logging.getLogger(__name__)
+LOCAL, RAY = "local", "ray"  # where features are computed: this process, or a Ray cluster
 
 
 @dataclass
@@ -75,13 +76,19 @@ def compute_features(backbone: Backbone, images, device: torch.device | None = N
 
 def extract_features(backbone: Backbone, images, cache: Path | None,
                      device: torch.device | None = None, batch_size: int = 64,
-                     keys: np.ndarray | None = None) -> tuple[np.ndarray, FeatureStats]:
+                     keys: np.ndarray | None = None, engine: str = LOCAL,
+                     ray_address: str = "") -> tuple[np.ndarray, FeatureStats]:
     """Features (N, D) float32 of uint8 ``images`` (N, H, W[, C]; an array or an ImageStack), from the
     cache where present.
 
     Only images missing from ``cache`` (None: no cache) are computed; they are added to it as one
-    new chunk. ``keys`` (N,): the images' content keys when already known (:func:`content_keys`).
+    new chunk, once all of them are computed (a failed computation adds nothing). ``keys`` (N,): the
+    images' content keys when already known (:func:`content_keys`). ``engine``: ``local`` computes
+    them in this process on ``device``; ``ray`` on a Ray cluster (:mod:`ml.ray_features`) at
+    ``ray_address`` (empty: a local Ray started for the call).
     """
+    if engine not in (LOCAL, RAY):
+        raise ValueError(f"unknown engine {engine!r}: {LOCAL} or {RAY}")
     device = device or torch.device("cpu")
     keys = content_keys(images) if keys is None else np.asarray(keys)
     stats = FeatureStats(device=device.type)
@@ -96,13 +103,21 @@ def extract_features(backbone: Backbone, images, cache: Path | None,
         # one computation per distinct content (the same photo delivered twice is computed once)
         unique_keys, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
         started = time.perf_counter()
-        computed = compute_features(backbone, images, device, batch_size, rows=missing[first])
+        rows = missing[first]
+        if engine == RAY:
+            from ml.ray_features import compute_features_on_ray, ray_session
+
+            with ray_session(ray_address):
+                computed = compute_features_on_ray(backbone, images, rows, batch_size)
+            stats.device = f"ray ({ray_address or 'local'})"
+        else:
+            computed = compute_features(backbone, images, device, batch_size, rows=rows)
         stats.seconds = time.perf_counter() - started
         stats.n_computed = len(unique_keys)
         stats.images_per_second = len(unique_keys) / max(stats.seconds, 1e-9)
         features[missing] = computed[inverse.ravel()]
         log.info("features of %d images by %s at %d px on %s: %.1f s, %.1f images/s (%d from the cache)",
-                 len(unique_keys), backbone.name, backbone.input_size, device.type, stats.seconds,
+                 len(unique_keys), backbone.name, backbone.input_size, stats.device, stats.seconds,
                  stats.images_per_second, stats.n_cached)
         if folder is not None:
             _write_chunk(folder, backbone, unique_keys, computed)

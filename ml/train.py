@@ -69,6 +69,8 @@ class TrainConfig:
     probe_weight_decay: float = 1e-3
     probe_learning_rate: float = 2e-3
     probe_batch_size: int = 512
+    engine: str = "local"         # where backbone features are computed: local or ray (ml.features)
+    ray_address: str = ""         # engine ray: the cluster; empty: a local Ray for the call
 
 
 def pick_device() -> torch.device:
@@ -767,10 +769,12 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
     if config.training == PROBE:
         from ml.features import extract_features
 
-        features, feature_stats = extract_features(backbone, images, feature_cache, device)
+        features, feature_stats = extract_features(backbone, images, feature_cache, device,
+                                                   engine=config.engine, ray_address=config.ray_address)
         result = cross_validate_probe(features, labels, n_classes, config, on_epoch)
         result.ensemble = ProbeEnsemble(backbone.cpu(), result.models, feature_cache).eval()
-        result.stats.update(device=device.type, features_computed=feature_stats.n_computed,
+        result.stats.update(device=device.type, feature_engine=feature_stats.device,
+                            features_computed=feature_stats.n_computed,
                             features_cached=feature_stats.n_cached,
                             feature_images_per_s=round(feature_stats.images_per_second, 1),
                             feature_seconds=round(feature_stats.seconds, 2),

@@ -1,0 +1,122 @@
+"""engine: ray on a real local Ray cluster: the features of the local engine, cached alike; a worker
+killed mid-way is replaced and its blocks recomputed; a pipeline that fails caches nothing."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ml.backbones import load_backbone
+from ml.features import backbone_key, extract_features
+from ml.image_stack import ImageStack
+from ml.ray_features import RayFeaturesError, compute_features_on_ray, ray_session
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    with ray_session(num_cpus=2) as ray:  # one local cluster for the module, stopped after it
+        yield ray
+
+
+def _delivered_images(folder: Path, sizes=(40, 56), side: int = 32, seed: int = 0) -> ImageStack:
+    """Photos as the curated deliveries hold them: uint8 .npy files, memory-mapped."""
+    rng = np.random.default_rng(seed)
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(folder / f"delivery-{i}.npy")
+        np.save(files[-1], rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8))
+    return ImageStack.open(files)
+
+
+def test_the_ray_engine_gives_the_local_features_and_fills_the_cache_alike(tmp_path, ray_cluster):
+    images = _delivered_images(tmp_path)
+    backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)  # random weights: shipped, not reloaded
+    local, local_stats = extract_features(backbone, images, tmp_path / "cache-local")
+    on_ray, ray_stats = extract_features(backbone, images, tmp_path / "cache-ray", engine="ray")
+    assert local_stats.n_computed == ray_stats.n_computed == len(images)
+    assert ray_stats.device.startswith("ray")
+    # the actors run one torch thread each, the driver two: the sums differ in their last bits only
+    np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
+    chunks = list((tmp_path / "cache-ray" / backbone_key(backbone)).glob("*.npz"))
+    assert len(chunks) == 1
+    again, stats = extract_features(backbone, images, tmp_path / "cache-ray", engine="ray")
+    assert stats.n_computed == 0 and stats.n_cached == len(images)
+    np.testing.assert_array_equal(again, on_ray)
+
+
+def test_an_in_memory_array_goes_through_the_object_store(ray_cluster):
+    images = np.random.default_rng(1).integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
+    backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)
+    rows = np.array([29, 3, 17, 0])  # any order: results are placed by row
+    local = extract_features(backbone, images[rows], None)[0]
+    np.testing.assert_allclose(compute_features_on_ray(backbone, images, rows, batch_size=2), local,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_worker_killed_mid_extraction_is_replaced_and_its_blocks_recomputed(tmp_path, ray_cluster):
+    images = _delivered_images(tmp_path, sizes=(400, 400), side=48, seed=2)
+    backbone = load_backbone("mobilenet_v3_small", "none", image_side=48)
+    rows = np.arange(len(images))
+    expected = extract_features(backbone, images, None)[0]
+    pids = tmp_path / "actors"
+    pids.mkdir()
+    result, failure = {}, {}
+
+    def extract():
+        try:
+            result["features"] = compute_features_on_ray(backbone, images, rows, batch_size=16, pid_folder=pids)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failure["error"] = exc
+
+    worker = threading.Thread(target=extract)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not any(pids.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victims = sorted(pids.iterdir())
+    assert victims, "no Ray actor started within two minutes"
+    time.sleep(1.0)  # mid-way: the actor has started on its blocks
+    assert worker.is_alive(), "the extraction ended before the worker could be killed"
+    os.kill(int(victims[0].name), signal.SIGKILL)  # a real kill of the real worker process
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert not failure, failure
+    assert len(list(pids.iterdir())) > len(victims), "no replacement actor was started"
+    np.testing.assert_allclose(result["features"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_extraction_on_ray_raises_and_caches_nothing(tmp_path, ray_cluster):
+    images = _delivered_images(tmp_path)
+    backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)
+    for file in tmp_path.glob("delivery-*.npy"):
+        file.unlink()  # the workers cannot read the deliveries (a cluster without the home's folder)
+    with pytest.raises(RayFeaturesError, match=f"0 of {len(images)} images done: FileNotFoundError"):
+        extract_features(backbone, images, tmp_path / "cache", engine="ray")
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+
+
+def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path):
+    """The whole run (ingest, DVC, probe training logged to MLflow, audit) with engine local and ray:
+    the features differ in their last bits at most, and the scorecard not at all."""
+    import mlflow
+    import pandas as pd
+
+    from conftest import make_home
+    from pipelines.cli import main
+
+    cards = {}
+    for engine in ("local", "ray"):
+        home = make_home(tmp_path / engine, {"a": 0.0, "b": 0.2}, per_vendor=60, backbone="efficientnet_lite0",
+                         weights="auto", training="probe", engine=engine)
+        assert main(["run", "--home", str(home)]) == 0
+        cards[engine] = pd.read_csv(home / "reports" / "scorecard.csv")
+        client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        engines = {run.data.tags["feature_engine"] for run in runs if "feature_engine" in run.data.tags}
+        assert engines == {"cpu" if engine == "local" else "ray (local)"}
+    assert list(cards["ray"]["vendor"]) == ["a", "b"]
+    pd.testing.assert_frame_equal(cards["ray"], cards["local"])
