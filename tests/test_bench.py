@@ -1,6 +1,7 @@
 """The benchmark's bookkeeping on a real (small) run: figures in range, cache reused, tables formed."""
 
 import numpy as np
+import pytest
 
 from bench.accuracy import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
                       run_late_seed, run_seed, summarize, summarize_late)
@@ -113,6 +114,21 @@ def test_a_photo_scenario_trains_a_probe_on_cached_backbone_features(tmp_path, m
     assert run["top1"] > 0.6  # pretrained features separate the digits far above chance (0.1)
     assert len(list((tmp_path / "cache").glob("Ptest-s0-*-efficientnet_lite0-probe.npz"))) == 1
     assert any((tmp_path / "cache" / "features").rglob("*"))
+
+
+def test_engine_benchmark_times_both_engines_on_the_same_photos():
+    """bench-engines computes the same photos' features by the local engine and by a real local Ray
+    cluster, and reports the times and the largest difference between them."""
+    from bench.engines import format_engines, measure_engines
+
+    photos = np.random.default_rng(0).integers(0, 256, (48, 32, 32, 3), dtype=np.uint8)
+    result = measure_engines(photos, "mobilenet_v3_small", "none", num_cpus=2)
+    assert result["images"] == 48 and result["local_s"] > 0 and result["ray_pipeline_s"] > 0
+    assert result["max_abs_difference"] < 1e-4  # the same backbone object: last bits only
+    assert result["ray_over_local"] == pytest.approx((result["ray_start_s"] + result["ray_pipeline_s"])
+                                                     / result["local_s"])
+    table = format_engines([result], "vendor-audit bench-engines --sizes 48")
+    assert "| 48 |" in table and "local 2-CPU Ray cluster" in table
 
 
 def test_scale_benchmark_times_every_stage_on_a_synthetic_collection():

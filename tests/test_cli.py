@@ -84,7 +84,7 @@ def test_every_command_has_a_handler_and_says_whether_it_needs_a_home():
     # the commands that create a home
     assert {name for name, parser in leaves.items() if not parser.get_default("needs_home")} == \
         {"init", "simulate", "demo", "bench", "bench-checks", "bench-incremental", "bench-drift",
-         "bench-scale"}
+         "bench-scale", "bench-engines"}
 
 
 @pytest.mark.parametrize("command", [name for name, parser in _commands(build_parser()).items()

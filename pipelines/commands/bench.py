@@ -1,5 +1,5 @@
-"""``vendor-audit bench``, ``bench-checks``, ``bench-incremental``, ``bench-drift`` and ``bench-scale``: the
-benchmarks, each writing its section of BENCHMARKS.md."""
+"""``vendor-audit bench``, ``bench-checks``, ``bench-incremental``, ``bench-drift``, ``bench-scale`` and
+``bench-engines``: the benchmarks, each writing its section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -73,6 +73,15 @@ def register(add) -> None:
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-scale section is replaced (created if missing)")
     p.set_defaults(handler=bench_scale, needs_home=False)
+    p = add("bench-engines", "time backbone features of the same photos by engine local and engine ray (a local "
+                             "Ray cluster), in one run, and compare the results")
+    p.add_argument("--sizes", default="10000", help="photo counts, comma-separated")
+    p.add_argument("--source", type=Path, default=None, metavar="PATH",
+                   help="CIFAR-10 photos (.npz with images uint8 (N, 32, 32, 3)); default $CIFAR10_NPZ")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="the backbone whose features are computed")
+    p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
+                   help="Markdown file whose bench-engines section is replaced (created if missing)")
+    p.set_defaults(handler=bench_engines, needs_home=False)
 
 
 def bench(args) -> None:
@@ -170,6 +179,21 @@ def bench_scale(args) -> None:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.plot, scale_plot(results))
     _write_bench_section(args.output, "bench-scale", text + f"\n![time against images]({args.plot.as_posix()})\n")
+
+
+def bench_engines(args) -> None:
+    from bench.engines import format_engines, measure_engines
+    from ml.datasets import load_cifar10
+
+    console_logging("ml", "bench")
+    photos = load_cifar10(args.source).images
+    sizes = [int(n) for n in args.sizes.split(",")]
+    if max(sizes) > len(photos):
+        raise SystemExit(f"--sizes: at most {len(photos):,} photos are in {args.source or '$CIFAR10_NPZ'}")
+    results = [measure_engines(photos[:n], args.backbone) for n in sizes]
+    text = format_engines(results, _bench_command("bench-engines"))
+    print(text)
+    _write_bench_section(args.output, "bench-engines", text)
 
 
 def _without_paths(argv: list[str]) -> list[str]:
