@@ -17,6 +17,7 @@ from ml.delivery import (
 )
 from ml.contract import vendor_limits
 from ml.deliveries import delivery_check, delivery_table, with_delivery_contract, worsening, worsening_note
+from ml.features import Engine
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -62,8 +63,9 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
         return dg.MaterializeResult(metadata={"scored_by": f"v{champion['model_version']} out-of-fold"})
     trained = load_outputs(audit_home.models, champion["dataset_version"], champion["head"])
     # a probe ensemble reads the same backbone's features from the training's cache
-    ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"],
-                             audit_home.settings().classes, feature_cache=audit_home.features)
+    settings = audit_home.settings()
+    ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"], settings.classes,
+                             feature_cache=audit_home.features, engine=Engine(settings.engine, settings.ray_address))
     outputs = score_new_delivery(ensemble, rows, images, trained, load_curated_rows(audit_home.curated))
     path = batch_scores_path(audit_home.root, champion["model_version"], vendor, batch)
     save_batch_scores(path, outputs)

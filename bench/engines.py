@@ -36,7 +36,7 @@ def measure_engines(images: np.ndarray, backbone_name: str = "efficientnet_lite0
     of each (Ray's start-up apart from its pipeline), Ray's total over the local time, and the largest
     absolute and relative difference between the two feature arrays."""
     from ml.backbones import image_side_and_channels, load_backbone
-    from ml.features import extract_features
+    from ml.features import Engine, extract_features
     from ml.ray_features import ray_session
 
     num_cpus = num_cpus or len(os.sched_getaffinity(0))
@@ -52,7 +52,7 @@ def measure_engines(images: np.ndarray, backbone_name: str = "efficientnet_lite0
         started = time.perf_counter()
         with ray_session(num_cpus=num_cpus):
             start_s = time.perf_counter() - started
-            on_ray = extract_features(backbone, stack, None, engine="ray")[0]
+            on_ray = extract_features(backbone, stack, None, engine=Engine("ray"))[0]
             pipeline_s = time.perf_counter() - started - start_s
     difference = np.abs(on_ray - local)
     return {"images": len(images), "backbone": backbone_name, "cpus": num_cpus, "local_s": local_s,

@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 LOCAL, RAY = "local", "ray"  # where features are computed: this process, or a Ray cluster
 
 
+@dataclass(frozen=True)
+class Engine:
+    """Where backbone features are computed: ``local`` (this process) or ``ray`` (a Ray cluster at
+    ``ray_address``: ``auto`` or ``ray://host:port``; empty: a local Ray started for the call)."""
+
+    name: str = LOCAL
+    ray_address: str = ""
+
+    def __post_init__(self):
+        if self.name not in (LOCAL, RAY):
+            raise ValueError(f"unknown engine {self.name!r}: {LOCAL} or {RAY}")
+
+
 @dataclass
 class FeatureStats:
     """What one :func:`extract_features` call did: images computed and read from the cache, seconds
@@ -76,19 +89,15 @@ def compute_features(backbone: Backbone, images, device: torch.device | None = N
 
 def extract_features(backbone: Backbone, images, cache: Path | None,
                      device: torch.device | None = None, batch_size: int = 64,
-                     keys: np.ndarray | None = None, engine: str = LOCAL,
-                     ray_address: str = "") -> tuple[np.ndarray, FeatureStats]:
+                     keys: np.ndarray | None = None, engine: Engine = Engine()) -> tuple[np.ndarray, FeatureStats]:
     """Features (N, D) float32 of uint8 ``images`` (N, H, W[, C]; an array or an ImageStack), from the
     cache where present.
 
     Only images missing from ``cache`` (None: no cache) are computed; they are added to it as one
     new chunk, once all of them are computed (a failed computation adds nothing). ``keys`` (N,): the
-    images' content keys when already known (:func:`content_keys`). ``engine``: ``local`` computes
-    them in this process on ``device``; ``ray`` on a Ray cluster (:mod:`ml.ray_features`) at
-    ``ray_address`` (empty: a local Ray started for the call).
+    images' content keys when already known (:func:`content_keys`). ``engine``: computed in this
+    process on ``device``, or on a Ray cluster (:mod:`ml.ray_features`).
     """
-    if engine not in (LOCAL, RAY):
-        raise ValueError(f"unknown engine {engine!r}: {LOCAL} or {RAY}")
     device = device or torch.device("cpu")
     keys = content_keys(images) if keys is None else np.asarray(keys)
     stats = FeatureStats(device=device.type)
@@ -104,12 +113,12 @@ def extract_features(backbone: Backbone, images, cache: Path | None,
         unique_keys, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
         started = time.perf_counter()
         rows = missing[first]
-        if engine == RAY:
+        if engine.name == RAY:
             from ml.ray_features import compute_features_on_ray, ray_session
 
-            with ray_session(ray_address):
+            with ray_session(engine.ray_address):
                 computed = compute_features_on_ray(backbone, images, rows, batch_size)
-            stats.device = f"ray ({ray_address or 'local'})"
+            stats.device = f"ray ({engine.ray_address or 'local'})"
         else:
             computed = compute_features(backbone, images, device, batch_size, rows=rows)
         stats.seconds = time.perf_counter() - started

@@ -593,14 +593,18 @@ class ProbeEnsemble(nn.Module):
 
     ``forward``: uint8 (B, H, W, C) -> mean class probabilities (B, K) (for the model registry);
     scoring uses one head per image (:func:`score_out_of_sample`). ``feature_cache``: a folder for
-    :func:`ml.features.extract_features` (None: features are not cached).
+    :func:`ml.features.extract_features` (None: features are not cached); ``engine``
+    (:class:`ml.features.Engine`, default local): where the features of images scored later are computed.
     """
 
-    def __init__(self, backbone, heads: list[FeatureHead], feature_cache: Path | None = None):
+    def __init__(self, backbone, heads: list[FeatureHead], feature_cache: Path | None = None, engine=None):
+        from ml.features import Engine
+
         super().__init__()
         self.backbone = backbone
         self.members = nn.ModuleList(heads)
         self.feature_cache = feature_cache
+        self.engine = engine or Engine()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(self.backbone.prepare(images))
@@ -609,7 +613,7 @@ class ProbeEnsemble(nn.Module):
     def features(self, images: np.ndarray) -> np.ndarray:
         from ml.features import extract_features
 
-        return extract_features(self.backbone, images, self.feature_cache, pick_device())[0]
+        return extract_features(self.backbone, images, self.feature_cache, pick_device(), engine=self.engine)[0]
 
 
 # ---- fine-tuning -------------------------------------------------------------------------------
@@ -767,12 +771,12 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
     if backbone is None:
         backbone = load_backbone(config.backbone, config.weights, image_side=side)
     if config.training == PROBE:
-        from ml.features import extract_features
+        from ml.features import Engine, extract_features
 
-        features, feature_stats = extract_features(backbone, images, feature_cache, device,
-                                                   engine=config.engine, ray_address=config.ray_address)
+        engine = Engine(config.engine, config.ray_address)
+        features, feature_stats = extract_features(backbone, images, feature_cache, device, engine=engine)
         result = cross_validate_probe(features, labels, n_classes, config, on_epoch)
-        result.ensemble = ProbeEnsemble(backbone.cpu(), result.models, feature_cache).eval()
+        result.ensemble = ProbeEnsemble(backbone.cpu(), result.models, feature_cache, engine).eval()
         result.stats.update(device=device.type, feature_engine=feature_stats.device,
                             features_computed=feature_stats.n_computed,
                             features_cached=feature_stats.n_cached,
@@ -819,8 +823,10 @@ def ensemble_payload(ensemble: nn.Module, classes: tuple[str, ...], head: str) -
             "in_channels": int(first.features[0][0].in_channels), "members": [m.state_dict() for m in ensemble.members]}
 
 
-def ensemble_from_payload(payload: dict, n_classes: int, feature_cache: Path | None = None) -> nn.Module:
-    """The ensemble :func:`ensemble_payload` described (payloads without ``kind`` are small-CNN ones)."""
+def ensemble_from_payload(payload: dict, n_classes: int, feature_cache: Path | None = None,
+                          engine=None) -> nn.Module:
+    """The ensemble :func:`ensemble_payload` described (payloads without ``kind`` are small-CNN ones);
+    ``engine`` (:class:`ml.features.Engine`): where a probe ensemble computes features."""
     from ml.backbones import NO_WEIGHTS, load_backbone
 
     kind = payload.get("kind", SCRATCH)
@@ -842,7 +848,7 @@ def ensemble_from_payload(payload: dict, n_classes: int, feature_cache: Path | N
             head = FeatureHead(int(payload["feature_dim"]), n_classes, payload["head"], payload["l2_scale"])
             head.load_state_dict(state)
             heads.append(head.eval())
-        return ProbeEnsemble(backbone, heads, feature_cache).eval()
+        return ProbeEnsemble(backbone, heads, feature_cache, engine).eval()
     if kind == FINETUNE:
         members = []
         for state in payload["members"]:

@@ -79,17 +79,18 @@ def save_ensemble(models_dir: Path, dataset_version: str, head: str, ensemble: F
 
 
 def load_ensemble(models_dir: Path, dataset_version: str, head: str, classes: tuple[str, ...],
-                  feature_cache: Path | None = None) -> torch.nn.Module:
+                  feature_cache: Path | None = None, engine=None) -> torch.nn.Module:
     """Load an ensemble with ``weights_only=True``; a clear error if it is missing, broken or was
     trained on another class list. ``feature_cache``: where a probe ensemble reads and adds its
-    backbone's features (the training's cache)."""
+    backbone's features (the training's cache); ``engine`` (:class:`ml.features.Engine`): where it
+    computes those of new images."""
     path = models_dir / dataset_version / f"ensemble-{head}.pt"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if list(payload["classes"]) != list(classes):
             raise ModelFileError(f"{path}: the model's classes {payload['classes']} differ from the taxonomy "
                                  f"{list(classes)}; retrain (vendor-audit run --retrain)")
-        ensemble = ensemble_from_payload(payload, len(classes), feature_cache)
+        ensemble = ensemble_from_payload(payload, len(classes), feature_cache, engine)
     except ModelFileError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to read the weights means the same to the user

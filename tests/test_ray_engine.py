@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ml.backbones import load_backbone
-from ml.features import backbone_key, extract_features
+from ml.features import Engine, backbone_key, extract_features
 from ml.image_stack import ImageStack
 from ml.ray_features import RayFeaturesError, compute_features_on_ray, ray_session
 
@@ -36,14 +36,14 @@ def test_the_ray_engine_gives_the_local_features_and_fills_the_cache_alike(tmp_p
     images = _delivered_images(tmp_path)
     backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)  # random weights: shipped, not reloaded
     local, local_stats = extract_features(backbone, images, tmp_path / "cache-local")
-    on_ray, ray_stats = extract_features(backbone, images, tmp_path / "cache-ray", engine="ray")
+    on_ray, ray_stats = extract_features(backbone, images, tmp_path / "cache-ray", engine=Engine("ray"))
     assert local_stats.n_computed == ray_stats.n_computed == len(images)
     assert ray_stats.device.startswith("ray")
     # the actors run one torch thread each, the driver two: the sums differ in their last bits only
     np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
     chunks = list((tmp_path / "cache-ray" / backbone_key(backbone)).glob("*.npz"))
     assert len(chunks) == 1
-    again, stats = extract_features(backbone, images, tmp_path / "cache-ray", engine="ray")
+    again, stats = extract_features(backbone, images, tmp_path / "cache-ray", engine=Engine("ray"))
     assert stats.n_computed == 0 and stats.n_cached == len(images)
     np.testing.assert_array_equal(again, on_ray)
 
@@ -55,6 +55,17 @@ def test_an_in_memory_array_goes_through_the_object_store(ray_cluster):
     local = extract_features(backbone, images[rows], None)[0]
     np.testing.assert_allclose(compute_features_on_ray(backbone, images, rows, batch_size=2), local,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_probe_ensemble_scores_later_images_with_features_from_ray(tmp_path, ray_cluster):
+    from ml.train import FeatureHead, ProbeEnsemble
+
+    images = _delivered_images(tmp_path, sizes=(24,))
+    backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)
+    heads = [FeatureHead(backbone.feature_dim, 3, "softmax", 16.0).eval()]
+    local = ProbeEnsemble(backbone, heads).features(images)
+    on_ray = ProbeEnsemble(backbone, heads, engine=Engine("ray")).features(images)
+    np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
 
 
 def test_a_worker_killed_mid_extraction_is_replaced_and_its_blocks_recomputed(tmp_path, ray_cluster):
@@ -95,7 +106,7 @@ def test_a_failed_extraction_on_ray_raises_and_caches_nothing(tmp_path, ray_clus
     for file in tmp_path.glob("delivery-*.npy"):
         file.unlink()  # the workers cannot read the deliveries (a cluster without the home's folder)
     with pytest.raises(RayFeaturesError, match=f"0 of {len(images)} images done: FileNotFoundError"):
-        extract_features(backbone, images, tmp_path / "cache", engine="ray")
+        extract_features(backbone, images, tmp_path / "cache", engine=Engine("ray"))
     assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
