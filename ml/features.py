@@ -117,7 +117,7 @@ def extract_features(backbone: Backbone, images, cache: Path | None,
             from ml.ray_features import compute_features_on_ray, ray_session
 
             with ray_session(engine.ray_address):
-                computed = compute_features_on_ray(backbone, images, rows, batch_size)
+                computed = compute_features_on_ray(backbone, images, rows)
             stats.device = f"ray ({engine.ray_address or 'local'})"
         else:
             computed = compute_features(backbone, images, device, batch_size, rows=rows)

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +92,35 @@ def image_files(images) -> list[str] | None:
     return None
 
 
-def compute_features_on_ray(backbone, images, rows: np.ndarray, batch_size: int = 64,
-                            actors: int | None = None, gpus_per_actor: float = 0.0,
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many feature actors, what each holds, and the rows each batch carries."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    batch_size: int
+
+
+GPU_BATCH = 256  # a GPU takes a large batch in one pass; on a CPU core larger batches gain nothing
+CPU_BATCH = 64
+
+
+def plan_actors(resources: dict[str, float]) -> ActorPlan:
+    """One actor per GPU where the cluster has GPUs (``resources`` as ``ray.cluster_resources()``
+    gives them), each with a GPU and a batch of ``GPU_BATCH``; otherwise one per CPU, each with a CPU
+    and a batch of ``CPU_BATCH``."""
+    gpus = int(resources.get("GPU", 0))
+    if gpus:
+        return ActorPlan(gpus, 1.0, 0.0, GPU_BATCH)
+    return ActorPlan(max(1, int(resources.get("CPU", 1))), 0.0, 1.0, CPU_BATCH)
+
+
+def compute_features_on_ray(backbone, images, rows: np.ndarray, plan: ActorPlan | None = None,
                             pid_folder: Path | None = None) -> np.ndarray:
     """Features (len(rows), D) float32 of ``images`` (an array or an ImageStack) at ``rows``, as
-    :func:`ml.features.compute_features` gives them, computed by ``actors`` Ray actors (None: one per
-    CPU of the cluster, or per GPU with ``gpus_per_actor``). Ray must be initialised
-    (:func:`ray_session`).
+    :func:`ml.features.compute_features` gives them, computed by Ray actors as ``plan`` says (None:
+    :func:`plan_actors` for the cluster). Ray must be initialised (:func:`ray_session`).
 
     Raises
     ------
@@ -110,12 +133,10 @@ def compute_features_on_ray(backbone, images, rows: np.ndarray, batch_size: int 
     out = np.zeros((len(rows), backbone.feature_dim), np.float32)
     if not len(rows):
         return out
+    plan = plan or plan_actors(ray.cluster_resources())
+    batch_size = plan.batch_size
     files = image_files(images)
     images_ref = None if files else ray.put(np.asarray(images))
-    resources = ray.cluster_resources()
-    if actors is None:
-        actors = max(1, int(resources.get("GPU", 0) / gpus_per_actor) if gpus_per_actor
-                     else int(resources.get("CPU", 1)))
     if len(np.unique(rows)) != len(rows):
         raise ValueError("rows to compute must be distinct")
     position = np.full(int(rows.max()) + 1, -1)
@@ -123,12 +144,13 @@ def compute_features_on_ray(backbone, images, rows: np.ndarray, batch_size: int 
     # one block per batch of rows: the pool's actors take blocks as they free up, and Ray Data's
     # backpressure keeps only a few in flight
     blocks = np.array_split(rows, max(1, -(-len(rows) // batch_size)))
-    log.info("features of %d images on Ray: %d actors, %d blocks, images read from %s", len(rows), actors,
+    log.info("features of %d images on Ray: %d actors (%s each), %d blocks, images read from %s", len(rows),
+             plan.actors, f"{plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else f"{plan.cpus_per_actor:g} CPU",
              len(blocks), f"{len(files)} delivery files" if files else "the object store")
     features = ray.data.from_numpy(blocks).map_batches(
         _FeatureActor, batch_size=batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=0 if gpus_per_actor else 1, num_gpus=gpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
         fn_constructor_kwargs=dict(backbone_ref=ray.put(copy.deepcopy(backbone).cpu().eval()), images_ref=images_ref,
                                    files=files, batch_size=batch_size,
                                    pid_folder=str(pid_folder) if pid_folder else None))

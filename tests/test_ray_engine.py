@@ -13,7 +13,7 @@ import pytest
 from ml.backbones import load_backbone
 from ml.features import Engine, backbone_key, extract_features
 from ml.image_stack import ImageStack
-from ml.ray_features import RayFeaturesError, compute_features_on_ray, ray_session
+from ml.ray_features import ActorPlan, RayFeaturesError, compute_features_on_ray, plan_actors, ray_session
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,12 @@ def _delivered_images(folder: Path, sizes=(40, 56), side: int = 32, seed: int = 
         files.append(folder / f"delivery-{i}.npy")
         np.save(files[-1], rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8))
     return ImageStack.open(files)
+
+
+def test_actors_follow_the_clusters_gpus_else_its_cpus():
+    assert plan_actors({"CPU": 2.0, "memory": 1e9}) == ActorPlan(2, 0.0, 1.0, 64)
+    assert plan_actors({"CPU": 64.0, "GPU": 4.0}) == ActorPlan(4, 1.0, 0.0, 256)  # one per GPU, large batches
+    assert plan_actors({}) == ActorPlan(1, 0.0, 1.0, 64)
 
 
 def test_the_ray_engine_gives_the_local_features_and_fills_the_cache_alike(tmp_path, ray_cluster):
@@ -53,8 +59,8 @@ def test_an_in_memory_array_goes_through_the_object_store(ray_cluster):
     backbone = load_backbone("mobilenet_v3_small", "none", image_side=32)
     rows = np.array([29, 3, 17, 0])  # any order: results are placed by row
     local = extract_features(backbone, images[rows], None)[0]
-    np.testing.assert_allclose(compute_features_on_ray(backbone, images, rows, batch_size=2), local,
-                               rtol=1e-4, atol=1e-5)
+    on_ray = compute_features_on_ray(backbone, images, rows, ActorPlan(2, 0.0, 1.0, 2))
+    np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
 
 
 def test_a_probe_ensemble_scores_later_images_with_features_from_ray(tmp_path, ray_cluster):
@@ -79,7 +85,8 @@ def test_a_worker_killed_mid_extraction_is_replaced_and_its_blocks_recomputed(tm
 
     def extract():
         try:
-            result["features"] = compute_features_on_ray(backbone, images, rows, batch_size=16, pid_folder=pids)
+            result["features"] = compute_features_on_ray(backbone, images, rows, ActorPlan(2, 0.0, 1.0, 16),
+                                                         pid_folder=pids)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             failure["error"] = exc
 
