@@ -133,12 +133,12 @@ def compute_features_on_ray(backbone, images, rows: np.ndarray, plan: ActorPlan 
     out = np.zeros((len(rows), backbone.feature_dim), np.float32)
     if not len(rows):
         return out
+    if len(np.unique(rows)) != len(rows):
+        raise ValueError("rows to compute must be distinct")
     plan = plan or plan_actors(ray.cluster_resources())
     batch_size = plan.batch_size
     files = image_files(images)
     images_ref = None if files else ray.put(np.asarray(images))
-    if len(np.unique(rows)) != len(rows):
-        raise ValueError("rows to compute must be distinct")
     position = np.full(int(rows.max()) + 1, -1)
     position[rows] = np.arange(len(rows))
     # one block per batch of rows: the pool's actors take blocks as they free up, and Ray Data's
