@@ -45,7 +45,9 @@ def ray_session(address: str = "", num_cpus: int | None = None):
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
+        # "local": a new instance even where RAY_ADDRESS or a `ray start` cluster on this machine would
+        # otherwise be joined, so that an empty setting means what the settings file says
+        ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     try:
         yield ray

@@ -32,6 +32,21 @@ def _delivered_images(folder: Path, sizes=(40, 56), side: int = 32, seed: int = 
     return ImageStack.open(files)
 
 
+def test_an_empty_address_starts_a_local_ray_even_where_ray_address_names_another():
+    """In a process of its own (this module's cluster is already up): RAY_ADDRESS points nowhere, and
+    the empty setting still means a local Ray started for the call."""
+    import subprocess
+    import sys
+
+    code = ("from ml.ray_features import ray_session\n"
+            "with ray_session(num_cpus=1) as ray:\n"
+            "    print('CPUs', ray.cluster_resources()['CPU'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CPUs 1.0" in done.stdout
+
+
 def test_actors_follow_the_clusters_gpus_else_its_cpus():
     assert plan_actors({"CPU": 2.0, "memory": 1e9}) == ActorPlan(2, 0.0, 1.0, 64)
     assert plan_actors({"CPU": 64.0, "GPU": 4.0}) == ActorPlan(4, 1.0, 0.0, 256)  # one per GPU, large batches
