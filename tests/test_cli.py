@@ -200,3 +200,11 @@ def test_loading_the_definitions_raises_no_deprecation_warning_of_ours():
     done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import pipelines.definitions"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_benchmark_headings_leave_out_machine_specific_paths():
+    from pipelines.commands.bench import _without_paths
+
+    argv = ["--sizes", "10000", "--source", "/data/cifar.npz", "--output=/tmp/B.md", "--plot", "x.png",
+            "--home", "/h", "--backbone", "resnet50"]
+    assert _without_paths(argv) == ["--sizes", "10000", "--backbone", "resnet50"]

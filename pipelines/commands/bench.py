@@ -196,16 +196,19 @@ def bench_engines(args) -> None:
     _write_bench_section(args.output, "bench-engines", text)
 
 
+PATH_OPTIONS = ("--home", "--output", "--plot", "--source")
+
+
 def _without_paths(argv: list[str]) -> list[str]:
-    """Command-line words without ``--home DIR``, ``--output FILE`` and ``--plot FILE`` (machine-specific paths), for
-    reproduce lines."""
+    """Command-line words without ``--home DIR``, ``--output FILE``, ``--plot FILE`` and ``--source PATH``
+    (machine-specific paths), for reproduce lines."""
     kept, skip = [], False
     for word in argv:
         if skip:
             skip = False
-        elif word in ("--home", "--output", "--plot"):
+        elif word in PATH_OPTIONS:
             skip = True
-        elif not word.startswith(("--home=", "--output=", "--plot=")):
+        elif not word.startswith(tuple(f"{option}=" for option in PATH_OPTIONS)):
             kept.append(word)
     return kept
 
