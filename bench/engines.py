@@ -31,7 +31,7 @@ def _as_deliveries(images: np.ndarray, folder: Path):
 
 
 def measure_engines(images: np.ndarray, backbone_name: str = "efficientnet_lite0", weights: str = "auto",
-                    num_cpus: int | None = None, batch_size: int = 64) -> dict:
+                    num_cpus: int | None = None) -> dict:
     """Features of uint8 ``images`` (N, H, W, C) by both engines. Returns images, seconds and images/s
     of each (Ray's start-up apart from its pipeline), Ray's total over the local time, and the largest
     absolute and relative difference between the two feature arrays."""

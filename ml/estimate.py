@@ -542,8 +542,6 @@ def vendor_error_rates(
                 corrected(replicate_raw, replicate_sensitivity, allowance(replicate_raw)),
                 corrected(replicate_raw, np.minimum(replicate_sensitivity, hardest)))
 
-    # the replicates as estimated, with the classifier allowance (low end), and with the lowest
-    # sensitivity of errors shaped like the vendor's confusions or placed on hard images (high end)
     replicates = in_threads(replicate, resampled())
     boot, boot_low, boot_high = (np.array([r[end] for r in replicates]).reshape(n_boot, n_vendors)
                                  for end in range(3))
