@@ -12,7 +12,8 @@ from assets.dataset import curated_dataset
 from ml.backbones import choose_backbone, image_side_and_channels, load_backbone
 from ml.delivery import load_curated
 from ml.files import atomic_write_bytes
-from ml.train import SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_heads, resolve_training, train_folds
+from ml.train import (FLOAT32, SCRATCH, CrossValResult, TrainConfig, pick_device, resolve_heads, resolve_precision,
+                      resolve_training, train_folds)
 from pipelines.locks import TRAINING_POOL
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
 from pipelines.store import ModelOutputs, champion_outputs, load_selection, save_ensemble, save_outputs
@@ -23,23 +24,25 @@ class TrainingConfig(dg.Config):
 
 
 def _train_config(settings, head: str, backbone: str = "small_cnn", weights: str = "none",
-                  training: str = SCRATCH) -> TrainConfig:
+                  training: str = SCRATCH, precision: str = FLOAT32) -> TrainConfig:
     return TrainConfig(head=head, epochs=settings.epochs, batch_size=settings.batch_size,
                        learning_rate=settings.learning_rate, folds=settings.folds, seed=settings.seed,
-                       backbone=backbone, weights=weights, training=training, engine=settings.engine,
-                       ray_address=settings.ray_address)
+                       backbone=backbone, weights=weights, training=training, precision=precision,
+                       engine=settings.engine, ray_address=settings.ray_address)
 
 
-def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, tuple[str, ...]]:
-    """(backbone, weights, training mode, heads) for these images, each choice logged with its reason."""
+def plan_training(settings, images: np.ndarray, log) -> tuple[str, str, str, str, tuple[str, ...]]:
+    """(backbone, weights, training mode, precision, heads) for these images, each choice logged with its
+    reason."""
     side, channels = image_side_and_channels(images)
     choice = choose_backbone(settings.backbone, settings.weights, side, channels)
     device = pick_device()
     mode, why = resolve_training(settings.training, choice.name, device)
+    precision, why_precision = resolve_precision(settings.precision, device)
     heads, why_heads = resolve_heads(settings.heads, mode)
     log.info(f"backbone {choice.name} (weights {choice.weights}): {choice.reason}; training {mode} on {device.type}: "
-             f"{why}; heads {', '.join(heads)}: {why_heads}")
-    return choice.name, choice.weights, mode, heads
+             f"{why}; precision {precision}: {why_precision}; heads {', '.join(heads)}: {why_heads}")
+    return choice.name, choice.weights, mode, precision, heads
 
 
 def log_dataset_input(mlflow, rows, dataset_version: str, source: str) -> None:
@@ -135,12 +138,13 @@ def cv_models(context: dg.AssetExecutionContext, config: TrainingConfig, audit_h
     mlflow = mlflow_tracking.start()
     champion = mlflow_tracking.champion()
     runs, predictions = [], {}
-    backbone_name, weights, mode, heads = plan_training(settings, images, context.log)
-    # loaded once for both heads; the feature cache makes the second head's features free
+    backbone_name, weights, mode, precision, heads = plan_training(settings, images, context.log)
+    # loaded once for every head; the feature cache makes a second head's features free
     backbone = None if mode == SCRATCH else load_backbone(backbone_name, weights, image_side_and_channels(images)[0])
     for head in heads:
         result, run, ensemble = train_and_log(mlflow, mlflow_tracking.registered_model,
-                                              _train_config(settings, head, backbone_name, weights, mode),
+                                              _train_config(settings, head, backbone_name, weights, mode,
+                                                            precision),
                                               images, labels, settings.classes, dataset_version, context.log,
                                               feature_cache=audit_home.features, backbone=backbone,
                                               dataset=(rows, dvc.version_location(dataset_version)))

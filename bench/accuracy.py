@@ -19,7 +19,8 @@ from ml.audit import run_audit
 from ml.scorecard import MIN_IMAGES_TO_RATE, compare_vendors
 from ml.datasets import load_dataset
 from ml.simulate import copy_confident_mistakes, label_by_workers, simulate_labels
-from ml.train import FoldEnsemble, TrainConfig, cross_validate, member_for_content, score_out_of_sample, train_folds
+from ml.train import (FLOAT32, PROBE, FoldEnsemble, TrainConfig, cross_validate, member_for_content, pick_device,
+                      resolve_precision, score_out_of_sample, train_folds)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class BenchConfig:
     folds: int = 3
     epochs: int = 8
     head: str = "l2softmax"
+    precision: str = "auto"  # of the training steps, as the setting (ml.train.resolve_precision)
     bootstrap: int = 100
     cache: Path | None = None
     train_batch: dict = field(default_factory=lambda: {"fashion-mnist": 128, "digits": 32, "cifar10": 128})
@@ -112,11 +114,19 @@ def _epochs(scenario: Scenario, config: BenchConfig) -> int:
     return scenario.epochs or (config.digits_epochs if scenario.dataset == "digits" else config.epochs)
 
 
+def _precision(config: BenchConfig, training: str = "scratch") -> tuple[str, str]:
+    """(precision, cache-tag suffix) of a training: the resolved precision (a probe's heads always train in
+    float32); float32 outputs keep the tags they were cached under before bfloat16 training existed."""
+    precision = FLOAT32 if training == PROBE else resolve_precision(config.precision, pick_device())[0]
+    return precision, "" if precision == FLOAT32 else f"-{precision}"
+
+
 def _model_outputs(scenario: Scenario, seed: int, sim, n_classes: int, config: BenchConfig) -> tuple[np.ndarray, np.ndarray, float]:
     """Out-of-fold probabilities and embeddings, cached per scenario, seed and training settings."""
     epochs = _epochs(scenario, config)
     model = "" if scenario.training == "scratch" else f"-{scenario.backbone}-{scenario.training}"
-    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}{model}.npz"
+    precision, suffix = _precision(config, scenario.training)
+    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}{model}{suffix}.npz"
     path = config.cache / tag if config.cache else None
     if path is not None and path.is_file():
         with np.load(path) as saved:
@@ -125,7 +135,7 @@ def _model_outputs(scenario: Scenario, seed: int, sim, n_classes: int, config: B
     train_config = TrainConfig(head=config.head, epochs=epochs, folds=config.folds, seed=seed,
                                batch_size=config.train_batch[scenario.dataset], backbone=scenario.backbone,
                                weights="none" if scenario.training == "scratch" else "auto",
-                               training=scenario.training)
+                               training=scenario.training, precision=precision)
     images = sim.images[..., None] if sim.images.ndim == 3 else sim.images  # (N, H, W, C)
     # features are cached by image content: the photos a seed shares with another are computed once
     features = config.cache / "features" if config.cache else None
@@ -324,14 +334,15 @@ def _late_outputs(scenario: Scenario, seed: int, sim, trained: np.ndarray, keys:
     product does) and with the mean of the fold models (as before); score the trained images' copies
     with the mean of the fold models, most of which trained on them (as before). Cached like the others."""
     epochs = _epochs(scenario, config)
-    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}.npz"
+    precision, suffix = _precision(config)
+    tag = f"{scenario.key}-s{seed}-{config.head}-f{config.folds}-e{epochs}{suffix}.npz"
     path = config.cache / tag if config.cache else None
     if path is not None and path.is_file():
         with np.load(path) as saved:
             return dict(saved)
     started = time.perf_counter()
     train_config = TrainConfig(head=config.head, epochs=epochs, folds=config.folds, seed=seed,
-                               batch_size=config.train_batch[scenario.dataset])
+                               batch_size=config.train_batch[scenario.dataset], precision=precision)
     images = sim.images[..., None]
     result = cross_validate(images[trained], sim.given[trained], n_classes, train_config)
     ensemble = FoldEnsemble(result.models).eval()

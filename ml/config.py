@@ -63,6 +63,7 @@ class Settings:
     backbone: Annotated[str, Strict()] = "auto"  # small_cnn, efficientnet_lite0, a torchvision model, or auto
     weights: Annotated[str, Strict()] = "auto"   # auto, none, a torchvision weights name, or a state dict's path
     training: Annotated[str, Strict()] = "auto"  # probe, finetune, or auto (finetune on a GPU, probe on a CPU)
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # of training steps (ml.train.resolve_precision)
     contract_max_error_rate: ErrorRateLimit | None = None  # null: no contract (ml.contract)
     contract_overrides: dict[str, ErrorRateLimit] = Field(default_factory=dict)  # vendor -> its own limit
     worsening_window_days: Annotated[StrictInt, Field(ge=0)] | None = None  # null: the newest delivery alone
@@ -208,6 +209,7 @@ RULES = {
     "backbone": "auto, small_cnn, efficientnet_lite0 or a torchvision classification model name (resnet50, ...)",
     "weights": "auto, none, a torchvision weights name (DEFAULT, IMAGENET1K_V2, ...) or the path of a state dict",
     "training": "probe, finetune or auto (finetune on a GPU, probe on a CPU)",
+    "precision": "float32, bfloat16 or auto",
     "contract_max_error_rate": "null (no contract), or a number between 0 and 1 (exclusive), e.g. 0.05 for 5%",
     "contract_overrides": "a mapping of vendor names to numbers between 0 and 1 (exclusive), e.g. {acme: 0.05}; {} "
                           "for none",
@@ -232,7 +234,7 @@ HELP = {
     "batch_size": ">= 2",
     "learning_rate": "> 0 and <= 1",
     "seed": f"0 to {SEED_MAX}: the same data and seed give the same scorecard",
-    "heads": "softmax, l2softmax or both (a list, no repeats); auto: both for the small CNN, softmax on "
+    "heads": "softmax, l2softmax or both (a list, no repeats); auto: l2softmax for the small CNN, softmax on "
              "pretrained features",
     "bootstrap": ">= 50: bootstrap refits behind each interval",
     "tracking_uri": "MLflow tracking URI; empty: SQLite under the home's mlflow/",
@@ -242,6 +244,8 @@ HELP = {
     "weights": "auto (the backbone's pretrained weights), none, a torchvision weights name (DEFAULT, ...) or the "
                "path of a state dict",
     "training": "probe (frozen features, a head per fold), finetune, or auto (finetune on a GPU, probe on a CPU)",
+    "precision": "of the training steps: bfloat16 (autocast; about twice as fast on a CPU that has it), float32, or "
+                 "auto (bfloat16 on a GPU or a CPU with native bfloat16, else float32)",
     "contract_max_error_rate": "0 to 1 (exclusive): the contract's highest error rate; a vendor's 95% interval above "
                                "it: drop, below it: pay, around it: warn; null: no contract",
     "contract_overrides": "{vendor: rate, ...}: a vendor's own limit, in place of contract_max_error_rate; {}: none",

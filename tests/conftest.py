@@ -32,6 +32,8 @@ def audited_home(tmp_path_factory) -> Path:
     """3 vendors x 300 digits at 0/10/30% wrong labels, run once through the whole CLI."""
     from pipelines.cli import main
 
-    home = make_home(tmp_path_factory.mktemp("e2e") / "home", {"a": 0.0, "b": 0.1, "c": 0.3}, per_vendor=300)
+    # both heads, so that the run logs two models and the champion is chosen between them
+    home = make_home(tmp_path_factory.mktemp("e2e") / "home", {"a": 0.0, "b": 0.1, "c": 0.3}, per_vendor=300,
+                     heads=("softmax", "l2softmax"))
     assert main(["run", "--home", str(home)]) == 0
     return home

@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
+import pytest
 import torch
 
 from ml.datasets import load_digits_upscaled, load_fashion_mnist
-from ml.train import FoldEnsemble, TrainConfig, cross_validate, random_shift
+from ml.train import FoldEnsemble, TrainConfig, cross_validate, random_shift, resolve_precision
 
 
 def _subset(data, n, seed=0):
@@ -11,9 +14,10 @@ def _subset(data, n, seed=0):
     return (images[..., None] if images.ndim == 3 else images), data.labels[index]
 
 
-def test_cross_validation_gives_out_of_fold_outputs_for_every_image():
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cross_validation_gives_out_of_fold_outputs_for_every_image(precision):
     images, labels = _subset(load_digits_upscaled(), 600)
-    config = TrainConfig(head="l2softmax", epochs=10, batch_size=32, folds=3, seed=1)
+    config = TrainConfig(head="l2softmax", epochs=10, batch_size=32, folds=3, seed=1, precision=precision)
     result = cross_validate(images, labels, 10, config)
     assert result.probs.shape == (600, 10) and np.allclose(result.probs.sum(axis=1), 1)
     assert result.embeddings.shape == (600, 128)
@@ -26,12 +30,25 @@ def test_cross_validation_gives_out_of_fold_outputs_for_every_image():
     assert probs.shape == (5, 10) and torch.allclose(probs.sum(dim=1), torch.ones(5))
 
 
-def test_training_is_deterministic_for_a_seed():
+def test_training_is_deterministic_for_a_seed_in_either_precision():
     images, labels = _subset(load_digits_upscaled(), 300)
     config = TrainConfig(head="softmax", epochs=2, batch_size=32, folds=2, seed=3)
     first = cross_validate(images, labels, 10, config)
     second = cross_validate(images, labels, 10, config)
     np.testing.assert_array_equal(first.probs, second.probs)
+    bf16 = replace(config, precision="bfloat16")
+    first, second = cross_validate(images, labels, 10, bf16), cross_validate(images, labels, 10, bf16)
+    np.testing.assert_array_equal(first.probs, second.probs)
+    assert not np.array_equal(first.probs, cross_validate(images, labels, 10, config).probs)  # the steps ran in bfloat16
+
+
+def test_precision_auto_is_bfloat16_on_a_gpu_and_where_the_cpu_has_it():
+    assert resolve_precision("auto", torch.device("cuda"))[0] == "bfloat16"
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", torch.device("cpu"))[0] == ("bfloat16" if native else "float32")
+    assert resolve_precision("float32", torch.device("cuda")) == ("float32", "set in the settings")
+    with pytest.raises(ValueError, match="float32, bfloat16 or auto"):
+        resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_fashion_mnist_subset_learns_above_chance():
@@ -190,8 +207,8 @@ def test_training_mode_auto_is_probe_on_a_cpu_and_scratch_for_the_small_cnn():
     assert resolve_training("auto", "small_cnn", torch.device("cuda"))[0] == "scratch"
 
 
-def test_heads_auto_are_both_from_scratch_and_softmax_on_pretrained_features():
-    assert resolve_heads("auto", "scratch")[0] == ("softmax", "l2softmax")
+def test_heads_auto_are_l2softmax_from_scratch_and_softmax_on_pretrained_features():
+    assert resolve_heads("auto", "scratch")[0] == ("l2softmax",)
     assert resolve_heads("auto", "probe")[0] == ("softmax",)
     assert resolve_heads("auto", "finetune")[0] == ("softmax",)
     assert resolve_heads(("l2softmax",), "probe") == (("l2softmax",), "set in the settings")

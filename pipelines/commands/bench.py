@@ -21,6 +21,8 @@ def register(add) -> None:
     p.add_argument("--folds", type=int, default=3, help="cross-validation folds of each training")
     p.add_argument("--epochs", type=int, default=8, help="training epochs per fold (20 on digits)")
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="classifier head")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="of the training steps, as the setting")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits behind each interval")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench section is replaced (created if missing)")
@@ -33,6 +35,8 @@ def register(add) -> None:
     p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench")
     p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench")
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="as in vendor-audit bench")
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="as in vendor-audit bench")
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-checks section is replaced (created if missing)")
     p.set_defaults(handler=bench_checks, needs_home=False)
@@ -88,16 +92,18 @@ def bench(args) -> None:
     import time
 
     from bench.accuracy import BenchConfig, format_late_table, format_tables, run_benchmark
+    from ml.train import pick_device, resolve_precision
 
     console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
-                         bootstrap=args.bootstrap, cache=args.home / "bench-cache")
+                         precision=args.precision, bootstrap=args.bootstrap, cache=args.home / "bench-cache")
     started = time.perf_counter()
     summaries, late = run_benchmark([k.strip() for k in args.scenarios.split(",")], config)
     tables = (format_tables(summaries) if summaries else "") + "\n".join(format_late_table(s) for s in late)
     print(tables)
     text = (f"## `{_bench_command('bench')}`\n\n"
-            f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU; "
+            f"Model: K={args.folds}-fold {args.head} CNN, {args.epochs} epochs on Fashion-MNIST (20 on digits), CPU, "
+            f"{resolve_precision(args.precision, pick_device())[0]} training steps; "
             f"{(time.perf_counter() - started) / 60:.0f} min for this run. Each cell: ours \\| cleanlab's defaults "
             f"on the same out-of-fold probabilities.\n\n" + tables)
     _write_bench_section(args.output, "bench", text)
@@ -111,7 +117,7 @@ def bench_checks(args) -> None:
 
     console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
-                         cache=args.home / "bench-cache")
+                         precision=args.precision, cache=args.home / "bench-cache")
     started = time.perf_counter()
     budgets = tuple(int(b) for b in args.budgets.split(","))
     summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws)
