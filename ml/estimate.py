@@ -521,7 +521,9 @@ def vendor_error_rates(
             for members, rng in zip(zip(groups, flip_groups, shaped_groups, hard_groups), generators):
                 for out, m in zip(weights, members):
                     if len(m):
-                        out[m] = rng.multinomial(len(m), np.full(len(m), 1.0 / len(m)))
+                        # len(m) uniform draws counted: a multinomial with equal probabilities, drawn
+                        # in O(len(m)) instead of one binomial per category (10 s of 50 at 100,000 images)
+                        out[m] = np.bincount(rng.integers(0, len(m), len(m)), minlength=len(m))
             yield weights
 
     def replicate(weights: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

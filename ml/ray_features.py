@@ -80,7 +80,7 @@ class _FeatureActor:
         return {"row": rows, "features": features}
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The last line of a Ray error (it wraps the worker's traceback; the cause is at its end),
     without terminal colours."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
@@ -164,7 +164,7 @@ def compute_features_on_ray(backbone, images, rows: np.ndarray, plan: ActorPlan 
             done[at] = True
     except Exception as exc:  # the caller must not cache a partial result
         raise RayFeaturesError(f"feature extraction on Ray failed with {done.sum()} of {len(rows)} images done: "
-                               f"{_root_cause(exc)}") from exc
+                               f"{root_cause(exc)}") from exc
     if not done.all():
         raise RayFeaturesError(f"feature extraction on Ray returned {done.sum()} of {len(rows)} images")
     return out

@@ -426,7 +426,7 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """(precision, reason) of the training steps: ``auto`` is ``bfloat16`` (autocast, weights and
     optimizer kept in float32) on CUDA and on CPUs that compute bfloat16 natively (AVX512-BF16 or
     AMX), where it trains the small CNN about twice as fast at the same accuracy (README, Measured);
-    ``float32`` elsewhere, where bfloat16 would be emulated and slower. Predictions are float32."""
+    ``float32`` on other CPUs, which have no bfloat16 arithmetic to gain from. Predictions are float32."""
     if precision in PRECISIONS:
         return precision, "set in the settings"
     if precision != "auto":
@@ -588,21 +588,38 @@ def predict_features(head: FeatureHead, features: torch.Tensor, batch_size: int 
 def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig,
                          on_epoch: EpochCallback | None = None) -> CrossValResult:
     """K-fold heads on frozen features (N, D): each fold's head, including its standardisation and
-    its early stopping, sees only that fold's training images. Runs on the CPU (seconds)."""
+    its early stopping, sees only that fold's training images. Runs on the CPU (seconds), fold after
+    fold; with ``config.engine`` ray, one Ray task per fold (:mod:`ml.ray_training`), which gives the
+    same heads. Ray must then be initialised (:func:`ml.ray_features.ray_session`)."""
     x_all = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y_all = torch.from_numpy(labels.astype(np.int64))
     meter = _Meter(torch.device("cpu"))
+    on_ray = None
+    if config.engine == "ray":
+        from ml.ray_training import fit_fold_heads_on_ray
+
+        on_ray = fit_fold_heads_on_ray(x_all.numpy(), labels, fold_splits(labels, n_classes, config.folds, config.seed),
+                                       n_classes, config)
 
     def train_fold(fold: int, train_idx: np.ndarray, test_idx: np.ndarray):
-        started = time.perf_counter()
-        with _one_thread():
-            head = fit_head(x_all[train_idx], y_all[train_idx], n_classes, config, config.seed * 1000 + fold,
-                            on_epoch, fold + 1)
-        meter.seconds += time.perf_counter() - started
+        if on_ray is not None:
+            fitted = on_ray[fold]
+            for epoch in fitted.epochs:
+                if on_epoch:
+                    on_epoch(epoch)
+            head, outputs, seconds = fitted.head, (fitted.probs, fitted.embeddings), fitted.seconds
+        else:
+            started = time.perf_counter()
+            with _one_thread():
+                head = fit_head(x_all[train_idx], y_all[train_idx], n_classes, config, config.seed * 1000 + fold,
+                                on_epoch, fold + 1)
+            seconds = time.perf_counter() - started
+            outputs = predict_features(head, x_all[test_idx])
+        meter.seconds += seconds
         meter.images += len(train_idx) * head.epochs_run  # images through the head, epoch after epoch
-        return head, predict_features(head, x_all[test_idx])
+        return head, outputs
 
-    *outputs, heads = _out_of_fold(labels, n_classes, config, train_fold, "probe")
+    *outputs, heads = _out_of_fold(labels, n_classes, config, train_fold, "probe" if on_ray is None else "probe on Ray")
     return CrossValResult(*outputs, heads, None, meter.stats(PROBE))
 
 
@@ -804,8 +821,9 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
         from ml.features import Engine, extract_features
 
         engine = Engine(config.engine, config.ray_address)
-        features, feature_stats = extract_features(backbone, images, feature_cache, device, engine=engine)
-        result = cross_validate_probe(features, labels, n_classes, config, on_epoch)
+        with _engine_session(engine):  # one Ray for the features and the fold heads
+            features, feature_stats = extract_features(backbone, images, feature_cache, device, engine=engine)
+            result = cross_validate_probe(features, labels, n_classes, config, on_epoch)
         result.ensemble = ProbeEnsemble(backbone.cpu(), result.models, feature_cache, engine).eval()
         result.stats.update(device=device.type, feature_engine=feature_stats.device,
                             features_computed=feature_stats.n_computed,
@@ -826,6 +844,18 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
         raise ValueError(f"unknown training {config.training!r}")
     result.stats.update(describe(backbone))
     return result
+
+
+@contextmanager
+def _engine_session(engine):
+    """Ray for the block where ``engine`` is ray (:func:`ml.ray_features.ray_session`); nothing otherwise."""
+    if engine.name != "ray":
+        yield
+        return
+    from ml.ray_features import ray_session
+
+    with ray_session(engine.ray_address):
+        yield
 
 
 # ---- scoring later images and saving ensembles -----------------------------------------------------

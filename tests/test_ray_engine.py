@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,39 @@ def test_a_probe_ensemble_scores_later_images_with_features_from_ray(tmp_path, r
     local = ProbeEnsemble(backbone, heads).features(images)
     on_ray = ProbeEnsemble(backbone, heads, engine=Engine("ray")).features(images)
     np.testing.assert_allclose(on_ray, local, rtol=1e-4, atol=1e-5)
+
+
+def _separable_features(n: int = 300, dim: int = 16, classes: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(0, 2, (classes, dim))
+    return (centres[labels] + rng.normal(0, 1, (n, dim))).astype(np.float32), labels
+
+
+def test_probe_fold_heads_trained_as_ray_tasks_are_the_local_heads(ray_cluster):
+    from ml.train import TrainConfig, cross_validate_probe
+
+    features, labels = _separable_features()
+    config = TrainConfig(folds=3, training="probe", probe_epochs=12)
+    local_epochs, ray_epochs = [], []
+    local = cross_validate_probe(features, labels, 3, config, local_epochs.append)
+    on_ray = cross_validate_probe(features, labels, 3, replace(config, engine="ray"), ray_epochs.append)
+    # one torch thread per head on both engines: the same heads to the last bit
+    np.testing.assert_array_equal(on_ray.probs, local.probs)
+    np.testing.assert_array_equal(on_ray.embeddings, local.embeddings)
+    np.testing.assert_array_equal(on_ray.fold, local.fold)
+    assert ray_epochs == local_epochs and {e["fold"] for e in ray_epochs} == {1, 2, 3}  # the losses MLflow logs
+    assert local.accuracy(labels) > 0.9
+
+
+def test_a_fold_that_fails_on_ray_names_the_fold_and_its_cause(ray_cluster):
+    from ml.ray_training import RayTrainingError
+    from ml.train import TrainConfig, cross_validate_probe
+
+    features, labels = _separable_features(n=60)
+    config = TrainConfig(folds=2, training="probe", head="cosine", engine="ray")
+    with pytest.raises(RayTrainingError, match=r"fold 1/2 head training on Ray failed: .*unknown head 'cosine'"):
+        cross_validate_probe(features, labels, 3, config)
 
 
 def test_a_worker_killed_mid_extraction_is_replaced_and_its_blocks_recomputed(tmp_path, ray_cluster):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ml.datasets import load_digits_upscaled, load_fashion_mnist
-from ml.train import FoldEnsemble, TrainConfig, cross_validate, random_shift, resolve_precision
+from ml.train import FoldEnsemble, TrainConfig, _cpu_has_native_bfloat16, cross_validate, random_shift, resolve_precision
 
 
 def _subset(data, n, seed=0):
@@ -44,7 +44,7 @@ def test_training_is_deterministic_for_a_seed_in_either_precision():
 
 def test_precision_auto_is_bfloat16_on_a_gpu_and_where_the_cpu_has_it():
     assert resolve_precision("auto", torch.device("cuda"))[0] == "bfloat16"
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = _cpu_has_native_bfloat16()
     assert resolve_precision("auto", torch.device("cpu"))[0] == ("bfloat16" if native else "float32")
     assert resolve_precision("float32", torch.device("cuda")) == ("float32", "set in the settings")
     with pytest.raises(ValueError, match="float32, bfloat16 or auto"):
