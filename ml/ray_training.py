@@ -1,7 +1,7 @@
 """K-fold probe heads trained on a Ray cluster, one task per fold.
 
-The features (N, D) go to the object store once; each task trains its fold's head on one torch
-thread, exactly as the local path does (:func:`ml.train.fit_head`), so a fold's head and its held-out
+The features (N, D) go to the object store once; each task trains its fold's head with the local
+path's own function (:func:`ml.train.fit_fold_head`, on one torch thread), so a fold's head and its held-out
 outputs are the same to the last bit whichever engine trained it. The per-epoch losses come back
 with the head and are handed to the caller's epoch callback in order, once the fold is done.
 
@@ -13,8 +13,7 @@ Ray is imported only here, and only when called.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
+import warnings
 
 import numpy as np
 
@@ -29,40 +28,26 @@ class RayTrainingError(RuntimeError):
     """A fold's head could not be trained on Ray after its retries; the message says which and why."""
 
 
-@dataclass
-class FittedFold:
-    """One fold's head, its held-out ``probs`` (M, K) and ``embeddings`` (M, 128), the epochs it ran
-    (the dicts an epoch callback receives, in order) and the seconds its training took."""
-
-    head: object
-    probs: np.ndarray
-    embeddings: np.ndarray
-    epochs: list[dict]
-    seconds: float
-
-
 def _fit_fold(features: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
-              n_classes: int, config, fold: int) -> FittedFold:
-    """One fold, in a Ray worker: the head on the fold's training rows, scored on its held-out rows."""
+              n_classes: int, config, fold: int):
+    """One fold, in a Ray worker: (:class:`ml.train.FittedFold`, the epochs' dicts in order)."""
     import torch
 
-    from ml.train import fit_head, predict_features
+    from ml.train import fit_fold_head
 
-    torch.set_num_threads(1)  # as the local path: one thread per head, so the same floats
     epochs: list[dict] = []
-    started = time.perf_counter()
-    x_train = torch.from_numpy(features[train_idx])
-    y_train = torch.from_numpy(labels[train_idx].astype(np.int64))
-    head = fit_head(x_train, y_train, n_classes, config, config.seed * 1000 + fold, epochs.append, fold + 1)
-    seconds = time.perf_counter() - started
-    probs, embeddings = predict_features(head, torch.from_numpy(features[test_idx]))
-    return FittedFold(head, probs, embeddings, epochs, seconds)
+    with warnings.catch_warnings():
+        # the object store's arrays are read-only; the fold only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x_all, y_all = torch.from_numpy(features), torch.from_numpy(labels.astype(np.int64))
+    return fit_fold_head(x_all, y_all, train_idx, test_idx, n_classes, config, fold, epochs.append), epochs
 
 
 def fit_fold_heads_on_ray(features: np.ndarray, labels: np.ndarray, splits: list[tuple[np.ndarray, np.ndarray]],
-                          n_classes: int, config) -> list[FittedFold]:
+                          n_classes: int, config) -> list[tuple]:
     """Every fold's head of ``splits`` ((train, test) index pairs) on ``features`` (N, D) float32 and
-    ``labels`` (N,), one Ray task each, in fold order. Ray must be initialised
+    ``labels`` (N,), one Ray task each, in fold order: (:class:`ml.train.FittedFold`, the dicts an epoch
+    callback receives, in order) per fold. Ray must be initialised
     (:func:`ml.ray_features.ray_session`).
 
     Raises

@@ -585,6 +585,31 @@ def predict_features(head: FeatureHead, features: torch.Tensor, batch_size: int 
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(embeds).numpy()
 
 
+@dataclass
+class FittedFold:
+    """One fold's probe head, its held-out ``probs`` (M, K) and ``embeddings`` (M, 128), and the seconds
+    its training took."""
+
+    head: FeatureHead
+    probs: np.ndarray
+    embeddings: np.ndarray
+    seconds: float
+
+
+def fit_fold_head(features: torch.Tensor, labels: torch.Tensor, train_idx: np.ndarray, test_idx: np.ndarray,
+                  n_classes: int, config: TrainConfig, fold: int, on_epoch: EpochCallback | None = None) -> FittedFold:
+    """Fold ``fold``'s (from 0) head on the rows ``train_idx`` of ``features`` (N, D) and ``labels`` (N,),
+    scored on the rows ``test_idx``; on one torch thread, so a fold gives the same floats in this process
+    and in a Ray task (:mod:`ml.ray_training`)."""
+    with _one_thread():
+        started = time.perf_counter()
+        head = fit_head(features[train_idx], labels[train_idx], n_classes, config, config.seed * 1000 + fold,
+                        on_epoch, fold + 1)
+        seconds = time.perf_counter() - started
+        probs, embeddings = predict_features(head, features[test_idx])
+    return FittedFold(head, probs, embeddings, seconds)
+
+
 def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: int, config: TrainConfig,
                          on_epoch: EpochCallback | None = None) -> CrossValResult:
     """K-fold heads on frozen features (N, D): each fold's head, including its standardisation and
@@ -602,22 +627,15 @@ def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: in
                                        n_classes, config)
 
     def train_fold(fold: int, train_idx: np.ndarray, test_idx: np.ndarray):
-        if on_ray is not None:
-            fitted = on_ray[fold]
-            for epoch in fitted.epochs:
-                if on_epoch:
-                    on_epoch(epoch)
-            head, outputs, seconds = fitted.head, (fitted.probs, fitted.embeddings), fitted.seconds
+        if on_ray is None:
+            fitted = fit_fold_head(x_all, y_all, train_idx, test_idx, n_classes, config, fold, on_epoch)
         else:
-            started = time.perf_counter()
-            with _one_thread():
-                head = fit_head(x_all[train_idx], y_all[train_idx], n_classes, config, config.seed * 1000 + fold,
-                                on_epoch, fold + 1)
-            seconds = time.perf_counter() - started
-            outputs = predict_features(head, x_all[test_idx])
-        meter.seconds += seconds
-        meter.images += len(train_idx) * head.epochs_run  # images through the head, epoch after epoch
-        return head, outputs
+            fitted, epochs = on_ray[fold]
+            for epoch in epochs if on_epoch else ():
+                on_epoch(epoch)
+        meter.seconds += fitted.seconds
+        meter.images += len(train_idx) * fitted.head.epochs_run  # images through the head, epoch after epoch
+        return fitted.head, (fitted.probs, fitted.embeddings)
 
     *outputs, heads = _out_of_fold(labels, n_classes, config, train_fold, "probe" if on_ray is None else "probe on Ray")
     return CrossValResult(*outputs, heads, None, meter.stats(PROBE))
