@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ml.check_sampling import (MIN_CHECKS_FOR_NORMAL, UNIFORM_SHARE, checked_error_rates, checks_for_halfwidth, combined_inclusion, draw_plan,
-                               expected_halfwidth, expected_interval, inclusion_probabilities)
+                               _fit_control, _jackknife_se, expected_halfwidth, expected_interval,
+                               inclusion_probabilities)
 from ml.estimate import fit_noise_model
 from test_estimate import synthetic
 
@@ -157,3 +158,28 @@ def test_the_combined_interval_covers_errors_the_model_cannot_see():
     # 95% intervals: at least 94% of 200 draws (the Wilson interval at the effective n with the
     # residual and design variances alone covered 92% and 91% here)
     assert np.all(covered / replicates >= 0.94), covered / replicates
+
+
+def _refit_jackknife(e, f, pi, f_mean, n_images):
+    """The jackknife written as its definition: n separate refits of the control."""
+    n = len(e)
+    spread = (1 - pi) / pi ** 2
+    replicates = []
+    for i in range(n):
+        keep = np.arange(n) != i
+        offset, lam = _fit_control(e[keep], f[keep], spread[keep])
+        replicates.append(offset + lam * f_mean + n / (n - 1) * ((e[keep] - offset - lam * f[keep]) / pi[keep]).sum()
+                          / n_images)
+    return float(np.sqrt((n - 1) / n * ((np.array(replicates) - np.mean(replicates)) ** 2).sum()))
+
+
+@pytest.mark.parametrize("case", ["unequal", "flat model", "one uncertain check"])
+def test_the_jackknife_in_one_pass_equals_its_refits(case):
+    rng = np.random.default_rng(5)
+    n = 150
+    pi = {"unequal": rng.uniform(0.02, 1, n), "flat model": rng.uniform(0.02, 1, n),
+          "one uncertain check": np.r_[np.ones(n - 1), 0.5]}[case]
+    f = np.full(n, 0.3) if case == "flat model" else rng.random(n)
+    e = (rng.random(n) < np.clip(f, 0.05, 0.9)).astype(float)
+    expected = _refit_jackknife(e, f, pi, 0.25, 3000)
+    assert _jackknife_se(e, f, pi, 0.25, 3000) == pytest.approx(expected, rel=1e-9, abs=1e-12)
