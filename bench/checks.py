@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from bench.accuracy import SCENARIOS, BenchConfig, _model_outputs
-from ml.check_sampling import checked_error_rates, draw_plan, inclusion_probabilities
+from ml.check_sampling import UNIFORM_SHARE, checked_error_rates, draw_plan, inclusion_probabilities
 from ml.datasets import load_dataset
 from ml.estimate import fit_noise_model, vendor_error_rates, wilson_interval
 from ml.issues import counted_as_error
@@ -50,9 +50,11 @@ def taught_by_other_vendors(model_error: np.ndarray, drawn: np.ndarray, wrong: n
     return taught
 
 
-def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, draws: int = 20) -> dict:
+def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, draws: int = 20,
+                    uniform_share: float = UNIFORM_SHARE) -> dict:
     """Per budget, ``draws`` independent plans per vendor, combined estimate and uniform Wilson alone;
-    also the same with a useless model (random probabilities of error)."""
+    also the same with a useless model (random probabilities of error). ``uniform_share``: the plans'
+    evenly spread share (the product's by default; another value measures the design)."""
     scenario = SCENARIOS[key]
     data = load_dataset(scenario.dataset)
     sim = scenario.simulate(data, seed)
@@ -72,7 +74,7 @@ def run_checks_seed(key: str, seed: int, config: BenchConfig, budgets=BUDGETS, d
     n_per_vendor = np.bincount(sim.vendor)
     for budget in sorted(set(budgets) | set(SEARCH)):
         combined, useless_rates, uniform, taught = [], [], [], []
-        plans = [(model_error, inclusion_probabilities(model_error, sim.vendor, np.full(n_vendors, budget)), out)
+        plans = [(model_error, inclusion_probabilities(model_error, sim.vendor, np.full(n_vendors, budget), uniform_share), out)
                  for model_error, out in ((f, combined), (useless, useless_rates))]
         n = np.minimum(budget, n_per_vendor)
         for draw in range(draws):
@@ -155,13 +157,14 @@ def format_checks_table(summaries: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_checks_benchmark(keys: list[str], config: BenchConfig, budgets=BUDGETS, draws: int = 20) -> list[dict]:
+def run_checks_benchmark(keys: list[str], config: BenchConfig, budgets=BUDGETS, draws: int = 20,
+                         uniform_share: float = UNIFORM_SHARE) -> list[dict]:
     summaries = []
     for key in keys:
         runs = []
         for seed in range(config.seeds):
             log.info("checks: scenario %s seed %d/%d", key, seed + 1, config.seeds)
-            runs.append(run_checks_seed(key, seed, config, budgets, draws))
+            runs.append(run_checks_seed(key, seed, config, budgets, draws, uniform_share))
         summaries.append(summarize_checks(key, runs, budgets))
         log.info("checks: scenario %s done:\n%s", key, format_checks_table(summaries[-1:]))
     return summaries

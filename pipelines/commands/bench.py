@@ -32,6 +32,8 @@ def register(add) -> None:
     p.add_argument("--budgets", default="25,50,100,200", help="checks per vendor, comma-separated")
     p.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
     p.add_argument("--draws", type=int, default=20, help="check plans drawn per seed and budget")
+    p.add_argument("--uniform-share", type=float, default=None, metavar="S",
+                   help="share of each plan spread evenly (default: the product's); another value measures the design")
     p.add_argument("--folds", type=int, default=3, help="as in vendor-audit bench")
     p.add_argument("--epochs", type=int, default=8, help="as in vendor-audit bench")
     p.add_argument("--head", choices=["softmax", "l2softmax"], default="l2softmax", help="as in vendor-audit bench")
@@ -114,18 +116,24 @@ def bench_checks(args) -> None:
 
     from bench.accuracy import BenchConfig
     from bench.checks import format_checks_table, run_checks_benchmark
+    from ml.check_sampling import UNIFORM_SHARE
 
     console_logging("ml")
     config = BenchConfig(seeds=args.seeds, folds=args.folds, epochs=args.epochs, head=args.head,
                          precision=args.precision, cache=args.home / "bench-cache")
     started = time.perf_counter()
     budgets = tuple(int(b) for b in args.budgets.split(","))
-    summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws)
+    share = UNIFORM_SHARE if args.uniform_share is None else args.uniform_share
+    if not 0 <= share <= 1:
+        raise SystemExit(f"--uniform-share {share}: a share, between 0 and 1")
+    summaries = run_checks_benchmark([k.strip() for k in args.scenarios.split(",")], config, budgets, args.draws,
+                                     share)
     table = format_checks_table(summaries)
     print(table)
     text = (f"## `{_bench_command('bench-checks')}`\n\n"
             f"Model outputs as in `vendor-audit bench` (K={args.folds}-fold {args.head} CNN, {args.epochs} epochs, "
-            f"cached); per seed, {args.draws} independent check plans per budget, answered from the truth. "
+            f"cached); per seed, {args.draws} independent check plans per budget ({100 * share:.0f}% of each spread "
+            f"evenly), answered from the truth. "
             f"{(time.perf_counter() - started) / 60:.0f} min for this run.\n\n" + table)
     _write_bench_section(args.output, "bench-checks", text)
 
