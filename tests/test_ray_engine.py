@@ -1,5 +1,6 @@
 """engine: ray on a real local Ray cluster: the features of the local engine, cached alike; a worker
-killed mid-way is replaced and its blocks recomputed; a pipeline that fails caches nothing."""
+killed mid-way is replaced and its blocks recomputed, one killed mid-fold retried; a pipeline that fails caches
+nothing."""
 
 import os
 import signal
@@ -121,6 +122,52 @@ def test_a_fold_that_fails_on_ray_names_the_fold_and_its_cause(ray_cluster):
     config = TrainConfig(folds=2, training="probe", head="cosine", engine="ray")
     with pytest.raises(RayTrainingError, match=r"fold 1/2 head training on Ray failed: .*unknown head 'cosine'"):
         cross_validate_probe(features, labels, 3, config)
+
+
+def _running_fold_tasks() -> list:
+    """The Ray worker processes now running a fold head (Ray titles a busy worker after its task)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::_fit_fold"):
+            found.append(process)
+    return found
+
+
+def test_a_worker_killed_mid_fold_is_retried_and_gives_the_local_heads(ray_cluster):
+    from ml.train import TrainConfig, cross_validate_probe
+
+    features, labels = _separable_features(n=12_000, dim=128, classes=5)
+    # every epoch run (no early stop), so that a fold lasts long enough to be killed in the middle
+    config = TrainConfig(folds=2, training="probe", probe_epochs=30, probe_patience=30)
+    local_epochs, ray_epochs, result, failure = [], [], {}, {}
+    local = cross_validate_probe(features, labels, 5, config, local_epochs.append)
+
+    def train():
+        try:
+            result["fit"] = cross_validate_probe(features, labels, 5, replace(config, engine="ray"), ray_epochs.append)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failure["error"] = exc
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not (busy := _running_fold_tasks()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert busy, "no fold task started within two minutes"
+    time.sleep(0.5)  # mid-way through the fold's epochs
+    assert worker.is_alive(), "the training ended before its worker could be killed"
+    victim = busy[0]
+    victim.send_signal(signal.SIGKILL)  # a real kill of the real worker process
+    victim.wait(timeout=30)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    assert not failure, failure
+    # the fold ran again from the start: the same heads, and the losses of one full run per fold
+    np.testing.assert_array_equal(result["fit"].probs, local.probs)
+    assert ray_epochs == local_epochs
 
 
 def test_a_worker_killed_mid_extraction_is_replaced_and_its_blocks_recomputed(tmp_path, ray_cluster):
