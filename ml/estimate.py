@@ -24,6 +24,10 @@ from scipy.optimize import minimize_scalar
 from threadpoolctl import threadpool_limits
 
 EPS = 1e-6
+# rows an EM step works through at a time: its (rows, K) arrays stay in a core's 1-2 MB cache (measured
+# at a million images, K = 10, float32: a step 165 -> 40 ms against whole-array passes; 4,096 was the
+# fastest of 1,024 to 16,384)
+EM_BLOCK_ROWS = 4096
 log = logging.getLogger(__name__)
 
 
@@ -164,25 +168,37 @@ def fit_noise_model(
     mixed = weight * trained
     vendor_share = np.bincount(vendor, weights=mixed, minlength=n_vendors) / mixed.sum()
     cell = vendor * k + given  # which (vendor, given label) column each image adds to
-    # summing images into their cells is one sparse product: (V*K cells, N) @ (N, K)
-    cells = scipy.sparse.csr_matrix((weight.astype(dtype), (cell, np.arange(n))), shape=(n_vendors * k, n))
+    # a step makes several passes over its rows: done block by block, each block's passes run while it
+    # is in the core's cache instead of streaming (N, K) arrays through memory once per pass
+    blocks = [slice(start, min(start + EM_BLOCK_ROWS, n)) for start in range(0, n, EM_BLOCK_ROWS)]
+    # summing a block's images into their cells is one sparse product: (V*K cells, rows) @ (rows, K)
+    block_cells = [scipy.sparse.csr_matrix((weight[b].astype(dtype), (cell[b], np.arange(b.stop - b.start))),
+                                           shape=(n_vendors * k, b.stop - b.start)) for b in blocks]
     ones, rows = np.ones(k, dtype), np.arange(n)
     # reused: a fresh (N, K) array per step costs its page faults
-    posterior, clean = np.empty((n, k), dtype), np.empty((n, k), dtype)
+    posterior, clean, row_scale = np.empty((n, k), dtype), np.empty((n, k), dtype), np.empty(EM_BLOCK_ROWS, dtype)
 
     def em_step(confusion: np.ndarray) -> np.ndarray:
         """One EM iteration from ``confusion`` (V, K, K): fills ``posterior`` and the unnormalised
         ``clean`` prior; returns the next confusion."""
         mean_confusion = np.tensordot(vendor_share, confusion, axes=1)
-        # the clean prior's row normalisation cancels in the posterior: it is applied once, at the end
-        np.matmul(noisy, np.linalg.pinv(mean_confusion).astype(dtype), out=clean)
-        np.maximum(clean, EPS, out=clean)
+        unmix = np.linalg.pinv(mean_confusion).astype(dtype)
         columns = confusion.transpose(0, 2, 1).reshape(n_vendors * k, k).astype(dtype)  # row v*K+g: C_v[:, g]
-        np.take(columns, cell, axis=0, out=posterior)
-        np.multiply(posterior, clean, out=posterior)
-        # row sums as a matrix-vector product, and one reciprocal per row: each several times faster
-        np.multiply(posterior, (1.0 / (posterior @ ones))[:, None], out=posterior)
-        counts = (cells @ posterior).astype(np.float64).reshape(n_vendors, k, k).transpose(0, 2, 1)  # (V, K, K)
+        counts = np.zeros((n_vendors * k, k))
+        for block, summed_into_cells in zip(blocks, block_cells):
+            block_clean, block_posterior = clean[block], posterior[block]
+            scale = row_scale[:block.stop - block.start]
+            # the clean prior's row normalisation cancels in the posterior: it is applied once, at the end
+            np.matmul(noisy[block], unmix, out=block_clean)
+            np.maximum(block_clean, EPS, out=block_clean)
+            np.take(columns, cell[block], axis=0, out=block_posterior)
+            np.multiply(block_posterior, block_clean, out=block_posterior)
+            # row sums as a matrix-vector product, and one reciprocal per row: each several times faster
+            np.matmul(block_posterior, ones, out=scale)
+            np.reciprocal(scale, out=scale)
+            np.multiply(block_posterior, scale[:, None], out=block_posterior)
+            counts += summed_into_cells @ block_posterior  # float64 across blocks
+        counts = counts.reshape(n_vendors, k, k).transpose(0, 2, 1)  # (V, K, K)
         diag = np.trace(counts, axis1=1, axis2=2) / np.maximum(counts.sum(axis=(1, 2)), EPS)
         pseudo = prior_strength * (diag[:, None, None] * eye + (1 - diag[:, None, None]) * (1 - eye) / (k - 1))
         counts = counts + pseudo
