@@ -12,6 +12,7 @@ from ml.delivery import (
     infer_format, ingest_delivery, is_settled, parse_key, read_format, read_state, read_taxonomy, record_taxonomy,
     reject_delivery, stamp_delivery, write_curated, write_format,
 )
+from ml.features import Engine
 from pipelines.resources import AuditHome
 
 
@@ -60,8 +61,10 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
             inferred = ((None, None) if settings.image_size and settings.channels
                         else infer_format(delivery, settings.image_limits(settings.image_size)))
             image_format = (settings.image_size or inferred[0], settings.channels or inferred[1])
+        # engine ray: the images are decoded by a Ray Data pipeline (a local Ray for the call, or ray_address)
         result = ingest_delivery(delivery, settings.classes, *image_format,
-                                 limits=settings.image_limits(image_format[0]), stamp=stamp)
+                                 limits=settings.image_limits(image_format[0]), stamp=stamp,
+                                 engine=Engine(settings.engine, settings.ray_address))
     except DeliveryError as exc:  # labels.csv unusable: the delivery is quarantined whole, the run goes on
         reject_delivery(curated, audit_home.quarantine, state, delivery, str(exc), stamp)
         context.log.warning(f"{delivery.key} rejected whole: {exc}")
@@ -82,6 +85,7 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
             "n_quarantined": n_quarantined,
             "quarantine_reasons": dg.MetadataValue.json(reasons),
             "image_format": f"{image_format[0]}x{image_format[0]}x{image_format[1]}",
+            "decoded_by": settings.engine,
         },
         check_results=[
             dg.AssetCheckResult(

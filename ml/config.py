@@ -70,7 +70,7 @@ class Settings:
     label_studio_url: Annotated[str, Strict()] = ""  # the server checks pull answers from; empty: none
     label_studio_project: Annotated[StrictInt, Field(ge=1)] | None = None  # its project of hand checks
     cvat_url: Annotated[str, Strict()] = ""  # the CVAT server checks push creates tasks on; empty: none
-    engine: Literal["local", "ray"] = "local"  # where backbone features are computed (ml.features)
+    engine: Literal["local", "ray"] = "local"  # where images are decoded and features computed (ml.delivery, ml.features)
     ray_address: Annotated[str, Strict()] = ""  # engine ray: auto or ray://host:port; empty: a local Ray per run
 
     @field_validator("classes", mode="before")

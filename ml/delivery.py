@@ -17,9 +17,12 @@ import json
 import logging
 import re
 import shutil
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,6 +30,9 @@ import pandas as pd
 from ml.files import atomic_write_bytes, atomic_write_csv, file_sha256
 from ml.image_stack import ImageStack
 from ml.images import ImageError, ImageLimits, decode_image, image_limits, probe_image
+
+if TYPE_CHECKING:  # ml.features imports torch, which reading a delivery needs none of
+    from ml.features import Engine
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -43,6 +49,8 @@ TAXONOMY_FILE = "taxonomy.json"
 MAX_INFERRED_SIDE = 224
 INFER_SAMPLE = 1000  # usable images whose sizes are read to infer the format (headers only, cheap)
 INGESTED, REJECTED = "ingested", "rejected"
+DECODE_BATCH = 256  # image files per decoding batch: one Ray task's share, or the local step between progress lines
+PROGRESS_EVERY = 1000  # images decoded between progress lines
 
 
 class DeliveryError(ValueError):
@@ -249,6 +257,72 @@ def resolve_inside(folder: Path, relative: str) -> Path | None:
     return target if target.is_relative_to(root) and target != root else None
 
 
+@dataclass
+class DecodedFiles:
+    """What decoding a list of image files gave, per file in the list's order.
+
+    ``pixels``: uint8 (N, S, S, C), each file's decoded image (zeros where it is refused);
+    ``sha256``: (N,) object, the hex digest of each file's bytes ("" where refused);
+    ``reasons``: (N,) object, why each file is refused ("" where decoded).
+    """
+
+    pixels: np.ndarray
+    sha256: np.ndarray
+    reasons: np.ndarray
+
+    @classmethod
+    def allocate(cls, n_files: int, image_size: int, channels: int) -> DecodedFiles:
+        return cls(np.zeros((n_files, image_size, image_size, channels), np.uint8),
+                   np.full(n_files, "", object), np.full(n_files, "", object))
+
+    def __getitem__(self, part: slice) -> DecodedFiles:
+        """The files of ``part`` as views: decoding into them fills this."""
+        return DecodedFiles(self.pixels[part], self.sha256[part], self.reasons[part])
+
+    def place(self, at: np.ndarray, pixels: np.ndarray, sha256: np.ndarray, reasons: np.ndarray) -> None:
+        """Put a batch decoded elsewhere at positions ``at`` (B,): ``pixels`` (B, S, S, C), ``sha256`` and
+        ``reasons`` (B,)."""
+        self.pixels[at], self.sha256[at], self.reasons[at] = pixels, sha256, reasons
+
+
+def decode_files(paths: Sequence[Path | str], image_size: int, channels: int, limits: ImageLimits | None,
+                 into: DecodedFiles | None = None) -> DecodedFiles:
+    """Decode, check and hash each image file of ``paths``: the expensive part of ingestion, one file
+    at a time and independent of the others, so any engine may run it on any share of the files.
+
+    Parameters
+    ----------
+    paths : (N,) image files (already known to lie inside their delivery's folder).
+    image_size, channels, limits : as :func:`ml.images.decode_image` takes them.
+    into : where to write the N results (views of a larger :class:`DecodedFiles`); None: allocated here.
+
+    Returns
+    -------
+    DecodedFiles
+        Per path, the uint8 (image_size, image_size, channels) pixels and the file's sha256, or the
+        :class:`ml.images.ImageError` message that refuses it. Any other exception propagates: it is a
+        fault of the machine or the folder, not a reason to quarantine the row.
+    """
+    decoded = into if into is not None else DecodedFiles.allocate(len(paths), image_size, channels)
+    for at, path in enumerate(paths):
+        try:
+            decoded.pixels[at] = decode_image(Path(path), image_size, channels, limits)
+        except ImageError as exc:
+            decoded.sha256[at], decoded.reasons[at] = "", str(exc)
+            continue
+        decoded.sha256[at], decoded.reasons[at] = file_sha256(Path(path)), ""
+    return decoded
+
+
+class _ToDecode(NamedTuple):
+    """A row that passed the checks of its own fields: its image's name, its label in the taxonomy's
+    spelling, and its file's position in the list to decode."""
+
+    image_name: str
+    label: str
+    at: int
+
+
 def ingest_delivery(
     delivery: Delivery,
     classes: tuple[str, ...],
@@ -256,6 +330,7 @@ def ingest_delivery(
     channels: int,
     limits: ImageLimits | None = None,
     stamp: ReadStamp | None = None,
+    engine: Engine | None = None,
 ) -> IngestResult:
     """Validate every row of a delivery and decode its accepted images.
 
@@ -264,58 +339,123 @@ def ingest_delivery(
     ``image_size``) or blank are quarantined: they carry no evidence to judge a label by. Rejected
     rows are kept in ``quarantine`` with the reason. ``stamp``: the folder as it was before reading
     (taken now when not given).
+
+    The rows are checked in this process, in row order, in two passes around the decoding: first
+    what each row says (path, label, a repeated row, a path leaving the folder), then what its file
+    gave (a refused image, content seen at an earlier row). Only the decoding (:func:`decode_files`)
+    runs on ``engine`` (None: local): here, or as a Ray Data pipeline (:mod:`ml.ray_ingest`, on the
+    Ray :func:`ml.ray_features.ray_session` gives for ``engine.ray_address``), so the result is the
+    same whichever engine decodes.
+
+    Raises
+    ------
+    DeliveryError
+        ``labels.csv`` cannot be used.
+    ml.ray_ingest.RayIngestError
+        Decoding on Ray failed for another reason than an image's (a lost worker, a folder the
+        cluster cannot read); nothing is returned to write.
     """
     limits = limits if limits is not None else image_limits(image_size)
     stamp = stamp or stamp_delivery(delivery.folder)
     labels = read_labels_csv(delivery.folder / LABELS_FILE, OPTIONAL_COLUMNS)
+    rows = list(labels.itertuples(index=False))
     canonical = {c.casefold(): c for c in classes}
-    accepted, images, quarantined = [], [], []
+    checked: list[str | _ToDecode] = []  # per row: why it is refused, or what to decode for it
+    to_decode: list[Path] = []
     seen_rows: dict[str, int] = {}
-    seen_content: dict[str, tuple[int, str]] = {}
-
-    def reject(row, reason: str) -> None:
-        quarantined.append({"vendor": delivery.vendor, "batch": delivery.batch, "row": row.row,
-                            "image": row.image, "label": row.label, "reason": reason})
-
-    for number, row in enumerate(labels.itertuples(index=False), start=1):
-        if number % 1000 == 0:
-            log.info("%s: %d of %d rows checked", delivery.key, number, len(labels))
+    for row in rows:
         image_name = row.image.strip()
         label = canonical.get(row.label.strip().casefold())
         if not image_name:
-            reject(row, "empty image path")
+            checked.append("empty image path")
             continue
         if label is None:
-            reject(row, "empty label" if not row.label.strip() else f"unknown class {row.label.strip()!r}")
+            checked.append("empty label" if not row.label.strip() else f"unknown class {row.label.strip()!r}")
             continue
         if image_name in seen_rows:
-            reject(row, f"duplicate image row (first at row {seen_rows[image_name]})")
+            checked.append(f"duplicate image row (first at row {seen_rows[image_name]})")
             continue
         seen_rows[image_name] = row.row
         path = resolve_inside(delivery.folder, image_name)
         if path is None:
-            reject(row, "image path leaves the batch folder")
+            checked.append("image path leaves the batch folder")
             continue
-        try:
-            pixels = decode_image(path, image_size, channels, limits)
-        except ImageError as exc:
-            reject(row, str(exc))
+        checked.append(_ToDecode(image_name, label, len(to_decode)))
+        to_decode.append(path)
+
+    decoded = _decode(delivery, to_decode, image_size, channels, limits, engine)
+
+    accepted, quarantined, kept = [], [], []
+    seen_content: dict[str, tuple[int, str]] = {}
+    for row, check in zip(rows, checked):
+        reason = check if isinstance(check, str) else decoded.reasons[check.at]
+        if not reason:
+            digest = decoded.sha256[check.at]
+            if digest in seen_content:
+                first_row, first_label = seen_content[digest]
+                relation = "the same label" if first_label == check.label else f"another label ({first_label})"
+                reason = f"same image content as row {first_row}, with {relation}"
+        if reason:
+            quarantined.append({"vendor": delivery.vendor, "batch": delivery.batch, "row": row.row,
+                                "image": row.image, "label": row.label, "reason": reason})
             continue
-        digest = file_sha256(path)
-        if digest in seen_content:
-            first_row, first_label = seen_content[digest]
-            relation = "the same label" if first_label == label else f"another label ({first_label})"
-            reject(row, f"same image content as row {first_row}, with {relation}")
-            continue
-        seen_content[digest] = (row.row, label)
-        accepted.append({"image_id": f"{delivery.vendor}/{delivery.batch}/{image_name}",
-                         "vendor": delivery.vendor, "batch": delivery.batch, "image": image_name,
-                         "label": label, "row": row.row, "sha256": digest, "annotator": row.annotator.strip()})
-        images.append(pixels)
-    stack = np.stack(images) if images else np.zeros((0, image_size, image_size, channels), np.uint8)
-    return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), stack,
+        seen_content[digest] = (row.row, check.label)
+        accepted.append({"image_id": f"{delivery.vendor}/{delivery.batch}/{check.image_name}",
+                         "vendor": delivery.vendor, "batch": delivery.batch, "image": check.image_name,
+                         "label": check.label, "row": row.row, "sha256": digest, "annotator": row.annotator.strip()})
+        kept.append(check.at)
+    return IngestResult(pd.DataFrame(accepted, columns=CURATED_COLUMNS), _keep(decoded.pixels, kept),
                         pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS), n_delivered=len(labels),
                         stamp=stamp, labeled_at=earliest_time(labels["labeled_at"]))
+
+
+def _decode(delivery: Delivery, paths: list[Path], image_size: int, channels: int, limits: ImageLimits,
+            engine: Engine | None) -> DecodedFiles:
+    """:func:`decode_files` of ``paths`` on ``engine``, logging the progress every PROGRESS_EVERY images."""
+    decoded = DecodedFiles.allocate(len(paths), image_size, channels)
+    on_ray = engine is not None and engine.name == "ray"
+    where = f"on Ray ({engine.ray_address or 'local'})" if on_ray else "here"
+
+    def follow(progress: Iterator[int]) -> None:
+        started, logged = time.perf_counter(), 0  # Ray's start-up apart: it is the session's, not the decoding's
+        for done in progress:
+            if done // PROGRESS_EVERY > logged // PROGRESS_EVERY:
+                log.info("%s: %d of %d images decoded %s", delivery.key, done, len(paths), where)
+                logged = done
+        seconds = time.perf_counter() - started
+        log.info("%s: %d images decoded %s in %.1f s (%.0f images/s)", delivery.key, len(paths), where, seconds,
+                 len(paths) / max(seconds, 1e-9))
+
+    if on_ray:
+        from ml.ray_features import ray_session
+        from ml.ray_ingest import decode_files_on_ray
+
+        with ray_session(engine.ray_address):
+            follow(decode_files_on_ray(paths, image_size, channels, limits, decoded, f"delivery {delivery.key}"))
+    else:
+        follow(_decode_here(paths, image_size, channels, limits, decoded))
+    return decoded
+
+
+def _decode_here(paths: list[Path], image_size: int, channels: int, limits: ImageLimits,
+                 into: DecodedFiles) -> Iterator[int]:
+    """Decode ``paths`` into ``into`` in this process, DECODE_BATCH at a time (straight into the stack:
+    no copy); yield the number done after each batch."""
+    for start in range(0, len(paths), DECODE_BATCH):
+        part = slice(start, start + DECODE_BATCH)
+        decode_files(paths[part], image_size, channels, limits, into[part])
+        yield min(start + DECODE_BATCH, len(paths))
+
+
+def _keep(stack: np.ndarray, kept: list[int]) -> np.ndarray:
+    """``stack[kept]`` (``kept`` ascending) without a second stack: each kept image moves down in place
+    (most often none moves: few rows are refused after decoding). Where most were refused, a copy, so
+    that the result does not hold the whole decoding buffer."""
+    for to, at in enumerate(kept):
+        if to != at:
+            stack[to] = stack[at]
+    kept_stack = stack[:len(kept)]
+    return kept_stack.copy() if len(kept) < len(stack) // 2 else kept_stack
 
 
 def infer_format(delivery: Delivery, limits: ImageLimits | None = None) -> tuple[int, int]:

@@ -80,11 +80,19 @@ class _FeatureActor:
         return {"row": rows, "features": features}
 
 
+# a traceback's exception line ("IsADirectoryError: [Errno 21] ...", unindented, unlike the source
+# lines), not one of Ray's own wrappers
+_EXCEPTION_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt): ")
+
+
 def root_cause(exc: BaseException) -> str:
-    """The last line of a Ray error (it wraps the worker's traceback; the cause is at its end),
-    without terminal colours."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    """The cause of a Ray error, without terminal colours: the last exception line of the worker's
+    traceback that Ray wraps (Ray Data adds lines of its own after it, about retries), else the
+    error's last line (a lost worker has no traceback)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    causes = [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line)]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return causes[-1] if causes else lines[-1] if lines else type(exc).__name__
 
 
 def image_files(images) -> list[str] | None:

@@ -1,6 +1,7 @@
 """engine: ray on a real local Ray cluster: the features of the local engine, cached alike; a worker
 killed mid-way is replaced and its blocks recomputed, one killed mid-fold retried; a pipeline that fails caches
-nothing."""
+nothing; a delivery decoded on Ray gives the local rows, images and quarantine, and one Ray cannot decode fails
+naming it, with nothing written."""
 
 import os
 import signal
@@ -234,3 +235,97 @@ def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path):
         assert engines == {"cpu" if engine == "local" else "ray (local)"}
     assert list(cards["ray"]["vendor"]) == ["a", "b"]
     pd.testing.assert_frame_equal(cards["ray"], cards["local"])
+
+
+def _png_delivery(folder: Path, n_photos: int = 600):
+    """A ready delivery of real PNG files written with PIL: ``n_photos`` noise photos of a few sizes
+    (several decoding batches), then the bad rows every check must catch, some after a batch boundary."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from ml.delivery import Delivery
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(n_photos):
+        height, width = (32, 32) if i % 3 else (40 + i % 7, 48)  # some are scaled and cut to 32 px
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"p{i:04d}.png")
+        rows.append((f"p{i:04d}.png", ("cat", "dog")[i % 2]))
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    (folder / "corrupt.png").write_bytes(buffer.getvalue()[:60])  # a header, then nothing to decode
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(folder / "blank.png")
+    Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).save(folder / "tiny.png")
+    (folder / "copy.png").write_bytes((folder / "p0001.png").read_bytes())
+    rows += [("corrupt.png", "cat"), ("blank.png", "dog"), ("tiny.png", "cat"),
+             ("p0002.png", "cat"),    # a duplicate row
+             ("copy.png", "cat"),     # the content of row 2 again, under another name and label
+             ("p0003.png", "horse"),  # an unknown label
+             ("gone.png", "dog")]     # no such file
+    pd.DataFrame(rows, columns=["image", "label"]).to_csv(folder / "labels.csv", index=False)
+    (folder / "_READY").write_text("")
+    return Delivery("v", "b", folder)
+
+
+def test_a_delivery_decoded_on_ray_gives_the_local_rows_images_and_quarantine(tmp_path, ray_cluster):
+    from ml.delivery import DECODE_BATCH, ingest_delivery
+
+    delivery = _png_delivery(tmp_path / "landing" / "v" / "b")
+    local = ingest_delivery(delivery, ("cat", "dog"), 32, 3)
+    on_ray = ingest_delivery(delivery, ("cat", "dog"), 32, 3, engine=Engine("ray"))
+    assert local.n_delivered == 607 > 2 * DECODE_BATCH  # the Ray batches come back in any order
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(on_ray.accepted, local.accepted)
+    pd.testing.assert_frame_equal(on_ray.quarantine, local.quarantine)
+    assert on_ray.images.dtype == local.images.dtype == np.uint8
+    np.testing.assert_array_equal(on_ray.images, local.images)
+    assert local.images.shape == (600, 32, 32, 3) and on_ray.reconciles
+    reasons = dict(zip(on_ray.quarantine["image"], on_ray.quarantine["reason"]))
+    assert reasons.pop("corrupt.png").startswith("cannot decode image")
+    assert reasons == {
+        "blank.png": "image is blank: every pixel has the same value (90, 90, 90)",
+        "tiny.png": "image too small (5x5 px; min_image_side 8 px)",
+        "p0002.png": "duplicate image row (first at row 3)",
+        "copy.png": "same image content as row 2, with another label (dog)",
+        "p0003.png": "unknown class 'horse'",
+        "gone.png": "image file not found",
+    }
+
+
+def test_a_delivery_ray_cannot_decode_fails_naming_it_and_writes_nothing(small_home, ray_cluster):
+    """The ingestion asset on engine ray: a delivery decodes on Ray as it would here; another, one of
+    whose image paths is a folder (a fault of the machine's files, not an image to quarantine: the
+    worker's read raises IsADirectoryError), fails naming the delivery and the cause, and neither its
+    curated rows, its quarantine nor its record is written."""
+    from dataclasses import replace
+
+    import dagster as dg
+
+    from assets.ingestion import vendor_delivery
+    from ml.config import load_settings, write_settings
+    from ml.delivery import Delivery, read_state
+    from ml.ray_ingest import RayIngestError
+    from pipelines.resources import AuditHome
+
+    write_settings(small_home, replace(load_settings(small_home), engine="ray"))
+    images = sorted((small_home / "landing" / "b" / "batch-001" / "images").glob("*.png"))
+    images[5].unlink()
+    images[5].mkdir()
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("deliveries", ["a.batch-001", "b.batch-001"])
+    home = AuditHome(home=str(small_home))
+    done = dg.materialize([vendor_delivery], partition_key="a.batch-001", instance=instance,
+                          resources={"audit_home": home})
+    metadata = done.asset_materializations_for_node("vendor_delivery")[0].metadata
+    assert metadata["decoded_by"].value == "ray" and metadata["n_accepted"].value == 60
+    with pytest.raises(RayIngestError, match=r"^delivery b\.batch-001: decoding on Ray failed with \d+ of 60 image "
+                                             r"files decoded: .*IsADirectoryError: \[Errno 21\] Is a directory"):
+        dg.materialize([vendor_delivery], partition_key="b.batch-001", instance=instance,
+                       resources={"audit_home": home})
+    delivery = Delivery("b", "batch-001", small_home / "landing" / "b" / "batch-001")
+    assert not (home.curated / "b").exists() and not (home.quarantine / "b").exists()
+    assert read_state(home.delivery_state, delivery) is None

@@ -79,8 +79,8 @@ def register(add) -> None:
     p.add_argument("--output", type=Path, default=Path("BENCHMARKS.md"),
                    help="Markdown file whose bench-scale section is replaced (created if missing)")
     p.set_defaults(handler=bench_scale, needs_home=False)
-    p = add("bench-engines", "time backbone features of the same photos by engine local and engine ray (a local "
-                             "Ray cluster), in one run, and compare the results")
+    p = add("bench-engines", "time backbone features, and ingestion from PNG files, of the same photos by engine "
+                             "local and engine ray (a local Ray cluster), in one run, and compare the results")
     p.add_argument("--sizes", default="10000", help="photo counts, comma-separated")
     p.add_argument("--source", type=Path, default=None, metavar="PATH",
                    help="CIFAR-10 photos (.npz with images uint8 (N, 32, 32, 3)); default $CIFAR10_NPZ")
