@@ -352,8 +352,8 @@ def ingest_delivery(
     DeliveryError
         ``labels.csv`` cannot be used.
     ml.ray_ingest.RayIngestError
-        Decoding on Ray failed for another reason than an image's (a lost worker, a folder the
-        cluster cannot read); nothing is returned to write.
+        Decoding on Ray failed for another reason than an image's (workers lost beyond the retries,
+        a delivery folder the cluster's workers cannot reach); nothing is returned to write.
     """
     limits = limits if limits is not None else image_limits(image_size)
     stamp = stamp or stamp_delivery(delivery.folder)

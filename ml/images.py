@@ -87,6 +87,8 @@ def _open(path: Path) -> Image.Image:
             img = Image.open(path)
     except FileNotFoundError as exc:
         raise ImageError("image file not found") from exc
+    except IsADirectoryError as exc:  # the vendor's row names a folder: bad input, like a missing file
+        raise ImageError("a folder, not an image file") from exc
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"not a readable image: {exc.__class__.__name__}") from exc
     if img.format not in ALLOWED_FORMATS:

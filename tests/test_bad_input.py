@@ -124,6 +124,16 @@ def test_broken_or_unsupported_images_are_quarantined(tmp_path, name, content, r
     assert result.quarantine["reason"].str.contains(reason).all(), result.quarantine["reason"].tolist()
 
 
+def test_a_row_naming_a_folder_is_quarantined(tmp_path):
+    folder = tmp_path / "landing" / "v" / "b"
+    (folder / "album.png").mkdir(parents=True)
+    Image.fromarray(_noise(16, 16)).save(folder / "photo.png")
+    (folder / "labels.csv").write_text("image,label\nalbum.png,cat\nphoto.png,dog\n")
+    result = ingest_delivery(Delivery("v", "b", folder), ("cat", "dog"), 16, 1)
+    assert result.reconciles and result.accepted["image"].tolist() == ["photo.png"]
+    assert result.quarantine["reason"].tolist() == ["a folder, not an image file"]
+
+
 def _land(tmp_path, images: dict) -> Delivery:
     """A ready delivery of real image files written with PIL (name -> uint8 array), all labelled cat."""
     folder = tmp_path / "landing" / "v" / "b"

@@ -296,11 +296,27 @@ def test_a_delivery_decoded_on_ray_gives_the_local_rows_images_and_quarantine(tm
     }
 
 
-def test_a_delivery_ray_cannot_decode_fails_naming_it_and_writes_nothing(small_home, ray_cluster):
-    """The ingestion asset on engine ray: a delivery decodes on Ray as it would here; another, one of
-    whose image paths is a folder (a fault of the machine's files, not an image to quarantine: the
-    worker's read raises IsADirectoryError), fails naming the delivery and the cause, and neither its
-    curated rows, its quarantine nor its record is written."""
+def _kill_every_decoder(stop: threading.Event, killed: list) -> None:
+    """Until ``stop``: SIGKILL each Ray worker process running a decode task (Ray titles a busy worker
+    after its task), every attempt of it, so that the task exhausts its retries."""
+    import psutil
+
+    while not stop.is_set():
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if cmdline and cmdline[0].startswith("ray::") and "_decode_batch" in cmdline[0]:
+                try:
+                    process.send_signal(signal.SIGKILL)  # a real kill of the real worker process
+                    killed.append(process.pid)
+                except psutil.NoSuchProcess:
+                    pass
+        time.sleep(0.01)
+
+
+def test_a_delivery_whose_decoders_keep_dying_fails_naming_it_and_writes_nothing(small_home, ray_cluster):
+    """The ingestion asset on engine ray: a delivery decodes on Ray as it would here; another, whose
+    decoding worker is killed at every attempt, fails after Ray's retries naming the delivery and the
+    cause, and neither its curated rows, its quarantine nor its record is written."""
     from dataclasses import replace
 
     import dagster as dg
@@ -308,13 +324,10 @@ def test_a_delivery_ray_cannot_decode_fails_naming_it_and_writes_nothing(small_h
     from assets.ingestion import vendor_delivery
     from ml.config import load_settings, write_settings
     from ml.delivery import Delivery, read_state
-    from ml.ray_ingest import RayIngestError
+    from ml.ray_ingest import RETRIES, RayIngestError
     from pipelines.resources import AuditHome
 
     write_settings(small_home, replace(load_settings(small_home), engine="ray"))
-    images = sorted((small_home / "landing" / "b" / "batch-001" / "images").glob("*.png"))
-    images[5].unlink()
-    images[5].mkdir()
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("deliveries", ["a.batch-001", "b.batch-001"])
     home = AuditHome(home=str(small_home))
@@ -322,10 +335,19 @@ def test_a_delivery_ray_cannot_decode_fails_naming_it_and_writes_nothing(small_h
                           resources={"audit_home": home})
     metadata = done.asset_materializations_for_node("vendor_delivery")[0].metadata
     assert metadata["decoded_by"].value == "ray" and metadata["n_accepted"].value == 60
-    with pytest.raises(RayIngestError, match=r"^delivery b\.batch-001: decoding on Ray failed with \d+ of 60 image "
-                                             r"files decoded: .*IsADirectoryError: \[Errno 21\] Is a directory"):
-        dg.materialize([vendor_delivery], partition_key="b.batch-001", instance=instance,
-                       resources={"audit_home": home})
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_every_decoder, args=(stop, killed))
+    killer.start()
+    try:
+        with pytest.raises(RayIngestError, match=r"^delivery b\.batch-001: decoding on Ray failed with 0 of 60 image "
+                                                 r"files decoded: ") as raised:
+            dg.materialize([vendor_delivery], partition_key="b.batch-001", instance=instance,
+                           resources={"audit_home": home})
+    finally:
+        stop.set()
+        killer.join()
+    assert len(set(killed)) > RETRIES  # the first attempt and every retry were killed
+    assert "worker died" in str(raised.value)  # the cause, as Ray gives it
     delivery = Delivery("b", "batch-001", small_home / "landing" / "b" / "batch-001")
     assert not (home.curated / "b").exists() and not (home.quarantine / "b").exists()
     assert read_state(home.delivery_state, delivery) is None
