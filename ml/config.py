@@ -256,8 +256,8 @@ HELP = {
     "label_studio_project": "the id of its project of hand checks (in the project's URL); null: none",
     "cvat_url": "CVAT server that vendor-audit checks push creates tasks on and checks pull --from cvat reads "
                 "(its token: the environment variable CVAT_ACCESS_TOKEN, never this file); empty: none",
-    "engine": "where pretrained-backbone features are computed: local (this process) or ray (a Ray cluster, "
-              "see ray_address)",
+    "engine": "where delivered images are decoded and pretrained-backbone features computed: local (this process) "
+              "or ray (a Ray cluster, see ray_address)",
     "ray_address": "with engine ray: auto (the cluster this machine belongs to) or ray://host:port; empty: a local "
                    "Ray started for the run and stopped after it",
 }
