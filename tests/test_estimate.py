@@ -369,3 +369,14 @@ def test_annotators_are_rated_within_their_vendor_and_small_teams_are_not_ranked
     # one annotator per vendor: no table, it would repeat the scorecard
     rows["annotator"] = rows["vendor"] + "-team"
     assert run_audit(rows, probs, embeddings, classes, n_boot=20)[0].annotators is None
+
+
+def test_em_in_blocks_of_rows_fits_what_one_pass_over_all_rows_fits(monkeypatch):
+    probs, given, _, vendor = synthetic([0.0, 0.05, 0.2], n_per_vendor=3000, seed=4)
+    monkeypatch.setattr(ml.estimate, "EM_BLOCK_ROWS", len(given))  # one block: every pass over every row
+    whole = fit_noise_model(probs, given, vendor)
+    monkeypatch.setattr(ml.estimate, "EM_BLOCK_ROWS", 2048)  # five blocks, the last one short
+    blocked = fit_noise_model(probs, given, vendor)
+    assert blocked.iterations == whole.iterations
+    np.testing.assert_allclose(blocked.confusion, whole.confusion, atol=1e-10)
+    np.testing.assert_allclose(blocked.posterior, whole.posterior, atol=1e-9)
