@@ -125,14 +125,14 @@ def test_a_fold_that_fails_on_ray_names_the_fold_and_its_cause(ray_cluster):
         cross_validate_probe(features, labels, 3, config)
 
 
-def _running_fold_tasks() -> list:
-    """The Ray worker processes now running a fold head (Ray titles a busy worker after its task)."""
+def _busy_ray_workers(task: str) -> list:
+    """The Ray worker processes now running ``task`` (Ray titles a busy worker after its task)."""
     import psutil
 
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if cmdline and cmdline[0].startswith("ray::_fit_fold"):
+        if cmdline and cmdline[0].startswith("ray::") and task in cmdline[0]:
             found.append(process)
     return found
 
@@ -155,7 +155,7 @@ def test_a_worker_killed_mid_fold_is_retried_and_gives_the_local_heads(ray_clust
     worker = threading.Thread(target=train)
     worker.start()
     deadline = time.monotonic() + 120
-    while not (busy := _running_fold_tasks()) and time.monotonic() < deadline:
+    while not (busy := _busy_ray_workers("_fit_fold")) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert busy, "no fold task started within two minutes"
     time.sleep(0.5)  # mid-way through the fold's epochs
@@ -302,14 +302,12 @@ def _kill_every_decoder(stop: threading.Event, killed: list) -> None:
     import psutil
 
     while not stop.is_set():
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if cmdline and cmdline[0].startswith("ray::") and "_decode_batch" in cmdline[0]:
-                try:
-                    process.send_signal(signal.SIGKILL)  # a real kill of the real worker process
-                    killed.append(process.pid)
-                except psutil.NoSuchProcess:
-                    pass
+        for process in _busy_ray_workers("_decode_batch"):
+            try:
+                process.send_signal(signal.SIGKILL)  # a real kill of the real worker process
+                killed.append(process.pid)
+            except psutil.NoSuchProcess:
+                pass
         time.sleep(0.01)
 
 
