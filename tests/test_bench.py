@@ -36,7 +36,9 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     assert all(0 <= row["coverage"] <= 1 and row["width"] > 0 for row in summary["rows"])
     assert summary["rows"][1]["width"] < summary["rows"][0]["width"]  # more checks, narrower intervals
     table = format_checks_table([summary])
-    assert "| E digits (8x8 upscaled), 3 x 550 | 100 |" in table and "| E | c (20.0) |" in table
+    assert "| E digits (8x8 upscaled), 3 x 550 | 100 |" in table
+    mean_at_100 = 100 * checks[100]["rate"][:, 2].mean()  # one seed: the mean over its draws
+    assert f"| E | c (20.0) | {100 * checks[25]['rate'][:, 2].mean():.1f} (25) / {mean_at_100:.1f} (100) |" in table
 
 
 def test_visibility_taught_by_other_vendors_checks():

@@ -123,3 +123,23 @@ def test_a_minority_workers_label_where_people_split_is_not_billed_as_an_error()
     wrong = np.where(minority_labels, implausible, given)
     billed = vendor_error_rates(probs, wrong, vendor, counted_of=counted_as_error(), n_boot=20)
     assert billed.rate[1] - billed.rate[0] > 0.10, billed.rate
+
+
+def test_the_labels_h_bills_its_worst_vendor_for_are_the_labels_hp_must_not_bill():
+    """On the same photos, H's worst vendor and HP's minority vendor give the same label wherever the
+    workers' majority is right; where the majority is wrong the worst vendor gives that wrong majority
+    and the minority vendor the dataset's own label."""
+    from bench.workers import billed_in_h_and_plausible_in_hp
+
+    data, workers, other, split = three_workers(n=2000, split_share=0.4, seed=3)
+    rng = np.random.default_rng(4)
+    majority_wrong = split & (rng.random(len(split)) < 0.25)  # two workers give the other class, one the truth
+    votes = np.where(majority_wrong[:, None], other[:, None], workers.votes)
+    votes[majority_wrong, rng.integers(0, 3, len(split))[majority_wrong]] = data.labels[majority_wrong]
+    majority = np.where(majority_wrong, other, data.labels)
+    workers = WorkerLabels(votes, majority, np.where(split, other, data.labels))
+    figures = billed_in_h_and_plausible_in_hp(data, workers, seed=5)
+    assert figures["split"] == pytest.approx(split.mean())
+    assert figures["worst_errors_on_split"] == 1.0
+    # every split photo is an error of the worst vendor; the minority vendor gives it where the majority is right
+    assert figures["worst_errors_given_by_minority"] == pytest.approx(1 - majority_wrong.sum() / split.sum())
