@@ -5,8 +5,8 @@ import pytest
 
 from bench.accuracy import (SCENARIOS, BenchConfig, Scenario, _ranking_metrics, format_late_table, format_tables,
                       run_late_seed, run_seed, summarize, summarize_late)
-from bench.checks import (format_checks_table, run_checks_seed, summarize_checks, taught_by_other_vendors,
-                          uniform_checks_for_halfwidth)
+from bench.checks import (calibrated_on_truth, format_checks_table, run_checks_seed, summarize_checks,
+                          taught_by_other_vendors, uniform_checks_for_halfwidth)
 from ml.estimate import wilson_interval
 
 
@@ -31,6 +31,7 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     assert checks[100]["rate"].shape == (3, 3) and np.all(checks[100]["low"] <= checks[100]["high"])
     assert np.all(checks[100]["low"][:, 0] == 0)  # the perfect vendor's interval reaches 0
     assert checks[100]["taught"].shape == (3, 3) and checks["model_only"].shape == (3,)
+    assert checks[100]["oracle_rate"].shape == (3, 3)
     summary = summarize_checks("E", [checks], budgets=(25, 100))
     assert [row["budget"] for row in summary["rows"]] == [25, 100]
     assert all(0 <= row["coverage"] <= 1 and row["width"] > 0 for row in summary["rows"])
@@ -39,6 +40,23 @@ def test_one_seed_of_the_digits_scenario(tmp_path):
     assert "| E digits (8x8 upscaled), 3 x 550 | 100 |" in table
     mean_at_100 = 100 * checks[100]["rate"][:, 2].mean()  # one seed: the mean over its draws
     assert f"| E | c (20.0) | {100 * checks[25]['rate'][:, 2].mean():.1f} (25) / {mean_at_100:.1f} (100) |" in table
+
+
+def test_control_calibrated_on_the_truth_is_each_vendors_error_share_at_each_level():
+    """The oracle control of bench-checks: per vendor, the share of wrong labels at each level of the
+    model's probability of error; a vendor whose errors are twice as frequent as the model says gets
+    twice the model's figure, and each vendor's mean is its true error rate."""
+    rng = np.random.default_rng(1)
+    n = 40000
+    vendor = np.repeat([0, 1], n)
+    f = rng.uniform(0, 0.4, 2 * n)
+    wrong = rng.random(2 * n) < np.where(vendor == 1, 2 * f, f)
+    calibrated = calibrated_on_truth(f, wrong, vendor)
+    for v in (0, 1):
+        assert calibrated[vendor == v].mean() == pytest.approx(wrong[vendor == v].mean())
+    middle = (f > 0.15) & (f < 0.25)
+    np.testing.assert_allclose(calibrated[middle & (vendor == 0)].mean(), 0.2, atol=0.01)
+    np.testing.assert_allclose(calibrated[middle & (vendor == 1)].mean(), 0.4, atol=0.015)
 
 
 def test_visibility_taught_by_other_vendors_checks():
