@@ -12,7 +12,6 @@ from ml.delivery import (
     infer_format, ingest_delivery, is_settled, parse_key, read_format, read_state, read_taxonomy, record_taxonomy,
     reject_delivery, stamp_delivery, write_curated, write_format,
 )
-from ml.features import Engine
 from pipelines.resources import AuditHome
 
 
@@ -64,7 +63,7 @@ def vendor_delivery(context: dg.AssetExecutionContext, audit_home: AuditHome) ->
         # engine ray: the images are decoded by a Ray Data pipeline (a local Ray for the call, or ray_address)
         result = ingest_delivery(delivery, settings.classes, *image_format,
                                  limits=settings.image_limits(image_format[0]), stamp=stamp,
-                                 engine=Engine(settings.engine, settings.ray_address))
+                                 engine=settings.compute_engine())
     except DeliveryError as exc:  # labels.csv unusable: the delivery is quarantined whole, the run goes on
         reject_delivery(curated, audit_home.quarantine, state, delivery, str(exc), stamp)
         context.log.warning(f"{delivery.key} rejected whole: {exc}")

@@ -17,7 +17,6 @@ from ml.delivery import (
 )
 from ml.contract import vendor_limits
 from ml.deliveries import delivery_check, delivery_table, with_delivery_contract, worsening, worsening_note
-from ml.features import Engine
 from ml.files import atomic_write_bytes, atomic_write_csv
 from ml.reliability import assess_reliability
 from pipelines.resources import AuditHome, DvcRepo, MlflowTracking
@@ -65,7 +64,7 @@ def batch_scores(context: dg.AssetExecutionContext, audit_home: AuditHome,
     # a probe ensemble reads the same backbone's features from the training's cache
     settings = audit_home.settings()
     ensemble = load_ensemble(audit_home.models, champion["dataset_version"], champion["head"], settings.classes,
-                             feature_cache=audit_home.features, engine=Engine(settings.engine, settings.ray_address))
+                             feature_cache=audit_home.features, engine=settings.compute_engine())
     outputs = score_new_delivery(ensemble, rows, images, trained, load_curated_rows(audit_home.curated))
     path = batch_scores_path(audit_home.root, champion["model_version"], vendor, batch)
     save_batch_scores(path, outputs)

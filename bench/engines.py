@@ -61,7 +61,8 @@ def measure_engines(images: np.ndarray, backbone_name: str = "efficientnet_lite0
     over the local time, the largest absolute and relative difference between the two feature arrays,
     and the ingestion's seconds and images/s by each engine (on the Ray already started)."""
     from ml.backbones import image_side_and_channels, load_backbone
-    from ml.features import Engine, extract_features
+    from ml.engine import RAY, Engine
+    from ml.features import extract_features
     from ml.ray_features import ray_session
 
     num_cpus = num_cpus or len(os.sched_getaffinity(0))
@@ -79,9 +80,9 @@ def measure_engines(images: np.ndarray, backbone_name: str = "efficientnet_lite0
         started = time.perf_counter()
         with ray_session(num_cpus=num_cpus):
             start_s = time.perf_counter() - started
-            on_ray = extract_features(backbone, stack, None, engine=Engine("ray"))[0]
+            on_ray = extract_features(backbone, stack, None, engine=Engine(RAY))[0]
             pipeline_s = time.perf_counter() - started - start_s
-            ingest_ray_s, ingested_on_ray = _time_ingestion(delivery, side, channels, Engine("ray"))
+            ingest_ray_s, ingested_on_ray = _time_ingestion(delivery, side, channels, Engine(RAY))
     if not (ingested_on_ray.accepted.equals(ingested_here.accepted)
             and ingested_on_ray.quarantine.equals(ingested_here.quarantine)
             and np.array_equal(ingested_on_ray.images, ingested_here.images)):

@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, Va
 from pydantic.dataclasses import dataclass
 
 from ml.delivery import NAME_RE, NAME_RULE
+from ml.engine import Engine
 from ml.files import atomic_write_text
 from ml.images import AUTO, DEFAULT_MAX_ASPECT_RATIO, MAX_UPSCALE, MIN_SIDE_FLOOR, ImageLimits, image_limits
 
@@ -170,6 +171,10 @@ class Settings:
         """The size and shape a delivered image must have, for images stored at ``image_size`` (the
         configured or inferred size; None while it is not known, e.g. to infer it)."""
         return image_limits(image_size, self.min_image_side, self.max_aspect_ratio)
+
+    def compute_engine(self) -> Engine:
+        """Where images are decoded and features computed (the ``engine`` and ``ray_address`` settings)."""
+        return Engine(self.engine, self.ray_address)
 
     def class_index(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.classes)}

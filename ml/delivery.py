@@ -22,17 +22,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from ml.engine import Engine
 from ml.files import atomic_write_bytes, atomic_write_csv, file_sha256
 from ml.image_stack import ImageStack
 from ml.images import ImageError, ImageLimits, decode_image, image_limits, probe_image
 
-if TYPE_CHECKING:  # ml.features imports torch, which reading a delivery needs none of
-    from ml.features import Engine
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -413,7 +412,7 @@ def _decode(delivery: Delivery, paths: list[Path], image_size: int, channels: in
             engine: Engine | None) -> DecodedFiles:
     """:func:`decode_files` of ``paths`` on ``engine``, logging the progress every PROGRESS_EVERY images."""
     decoded = DecodedFiles.allocate(len(paths), image_size, channels)
-    on_ray = engine is not None and engine.name == "ray"
+    on_ray = engine is not None and engine.on_ray
     where = f"on Ray ({engine.ray_address or 'local'})" if on_ray else "here"
 
     def follow(progress: Iterator[int]) -> None:

@@ -23,26 +23,11 @@ import numpy as np
 import torch
 
 from ml.backbones import Backbone
+from ml.engine import Engine
 from ml.files import atomic_write_bytes, atomic_write_text
 from ml.image_stack import read_rows
 
 log = logging.getLogger(__name__)
-LOCAL, RAY = "local", "ray"  # where features are computed: this process, or a Ray cluster
-
-
-@dataclass(frozen=True)
-class Engine:
-    """Where backbone features are computed: ``local`` (this process) or ``ray`` (a Ray cluster at
-    ``ray_address``: ``auto`` or ``ray://host:port``; empty: a local Ray started for the call)."""
-
-    name: str = LOCAL
-    ray_address: str = ""
-
-    def __post_init__(self):
-        if self.name not in (LOCAL, RAY):
-            raise ValueError(f"unknown engine {self.name!r}: {LOCAL} or {RAY}")
-
-
 @dataclass
 class FeatureStats:
     """What one :func:`extract_features` call did: images computed and read from the cache, seconds
@@ -113,7 +98,7 @@ def extract_features(backbone: Backbone, images, cache: Path | None,
         unique_keys, first, inverse = np.unique(keys[missing], return_index=True, return_inverse=True)
         started = time.perf_counter()
         rows = missing[first]
-        if engine.name == RAY:
+        if engine.on_ray:
             from ml.ray_features import compute_features_on_ray, ray_session
 
             with ray_session(engine.ray_address):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import StratifiedKFold
 from torch import nn
 
+from ml.engine import RAY, Engine
 from ml.image_stack import read_rows
 
 log = logging.getLogger(__name__)
@@ -620,7 +621,7 @@ def cross_validate_probe(features: np.ndarray, labels: np.ndarray, n_classes: in
     y_all = torch.from_numpy(labels.astype(np.int64))
     meter = _Meter(torch.device("cpu"))
     on_ray = None
-    if config.engine == "ray":
+    if config.engine == RAY:
         from ml.ray_training import fit_fold_heads_on_ray
 
         on_ray = fit_fold_heads_on_ray(x_all.numpy(), labels, fold_splits(labels, n_classes, config.folds, config.seed),
@@ -659,12 +660,10 @@ class ProbeEnsemble(nn.Module):
     ``forward``: uint8 (B, H, W, C) -> mean class probabilities (B, K) (for the model registry);
     scoring uses one head per image (:func:`score_out_of_sample`). ``feature_cache``: a folder for
     :func:`ml.features.extract_features` (None: features are not cached); ``engine``
-    (:class:`ml.features.Engine`, default local): where the features of images scored later are computed.
+    (:class:`ml.engine.Engine`, default local): where the features of images scored later are computed.
     """
 
     def __init__(self, backbone, heads: list[FeatureHead], feature_cache: Path | None = None, engine=None):
-        from ml.features import Engine
-
         super().__init__()
         self.backbone = backbone
         self.members = nn.ModuleList(heads)
@@ -836,7 +835,7 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
     if backbone is None:
         backbone = load_backbone(config.backbone, config.weights, image_side=side)
     if config.training == PROBE:
-        from ml.features import Engine, extract_features
+        from ml.features import extract_features
 
         engine = Engine(config.engine, config.ray_address)
         with _engine_session(engine):  # one Ray for the features and the fold heads
@@ -867,7 +866,7 @@ def train_folds(images: np.ndarray, labels: np.ndarray, n_classes: int, config: 
 @contextmanager
 def _engine_session(engine):
     """Ray for the block where ``engine`` is ray (:func:`ml.ray_features.ray_session`); nothing otherwise."""
-    if engine.name != "ray":
+    if not engine.on_ray:
         yield
         return
     from ml.ray_features import ray_session
@@ -904,7 +903,7 @@ def ensemble_payload(ensemble: nn.Module, classes: tuple[str, ...], head: str) -
 def ensemble_from_payload(payload: dict, n_classes: int, feature_cache: Path | None = None,
                           engine=None) -> nn.Module:
     """The ensemble :func:`ensemble_payload` described (payloads without ``kind`` are small-CNN ones);
-    ``engine`` (:class:`ml.features.Engine`): where a probe ensemble computes features."""
+    ``engine`` (:class:`ml.engine.Engine`): where a probe ensemble computes features."""
     from ml.backbones import NO_WEIGHTS, load_backbone
 
     kind = payload.get("kind", SCRATCH)

@@ -82,7 +82,7 @@ def load_ensemble(models_dir: Path, dataset_version: str, head: str, classes: tu
                   feature_cache: Path | None = None, engine=None) -> torch.nn.Module:
     """Load an ensemble with ``weights_only=True``; a clear error if it is missing, broken or was
     trained on another class list. ``feature_cache``: where a probe ensemble reads and adds its
-    backbone's features (the training's cache); ``engine`` (:class:`ml.features.Engine`): where it
+    backbone's features (the training's cache); ``engine`` (:class:`ml.engine.Engine`): where it
     computes those of new images."""
     path = models_dir / dataset_version / f"ensemble-{head}.pt"
     try:

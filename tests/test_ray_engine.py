@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from ml.backbones import load_backbone
-from ml.features import Engine, backbone_key, extract_features
+from ml.engine import Engine
+from ml.features import backbone_key, extract_features
 from ml.image_stack import ImageStack
 from ml.ray_features import ActorPlan, RayFeaturesError, compute_features_on_ray, plan_actors, ray_session
 
