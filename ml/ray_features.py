@@ -32,11 +32,34 @@ class RayFeaturesError(RuntimeError):
     """Feature extraction on Ray failed after its retries; the message says where and why."""
 
 
+# inside held_ray(): how deep, and whether a ray_session started (or joined) the Ray the block holds
+_held = {"depth": 0, "started": False}
+
+
+@contextmanager
+def held_ray():
+    """For the block, the first :func:`ray_session` that starts (or joins) a Ray leaves it up for the
+    ones after it, and the end of the block stops it: one Ray for every job of an audit (each delivery's
+    ingestion, the training, the scoring) where each would start its own, a local one taking seconds.
+    Nothing is started where no ray_session runs (the local engine)."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["started"]:
+            _held["started"] = False
+            import ray
+
+            ray.shutdown()
+
+
 @contextmanager
 def ray_session(address: str = "", num_cpus: int | None = None):
     """Ray for the duration of the block: connected to ``address`` (``auto`` or ``ray://host:port``),
     or, when empty, a local Ray started here (``num_cpus``: its CPUs; None: the cores this process may
-    use) and stopped after. An already initialised Ray is used as it is and left running."""
+    use) and stopped after, or at the end of an enclosing :func:`held_ray`. An already initialised Ray
+    is used as it is and left running."""
     import ray
 
     if ray.is_initialized():
@@ -49,6 +72,10 @@ def ray_session(address: str = "", num_cpus: int | None = None):
         # otherwise be joined, so that an empty setting means what the settings file says
         ray.init(address="local", num_cpus=num_cpus or len(os.sched_getaffinity(0)), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
+    if _held["depth"]:
+        _held["started"] = True
+        yield ray
+        return
     try:
         yield ray
     finally:

@@ -55,9 +55,10 @@ def audit(home: Path, retrain: bool = False, debug: bool = False, ingest_only: b
     ``ingest_only`` stops after ingesting and versioning the data (no scorecard: the ``ingest`` stage
     of the home's dvc.yaml)."""
     from ml.config import load_settings
+    from ml.ray_features import held_ray
 
     load_settings(home)  # a missing or invalid settings file stops here, before anything runs
-    with audit_lock(home):
+    with audit_lock(home), held_ray():  # engine ray: one Ray for all of this run's jobs
         return _audit_locked(home, retrain, debug, ingest_only, rescore)
 
 

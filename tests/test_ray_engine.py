@@ -215,20 +215,28 @@ def test_a_failed_extraction_on_ray_raises_and_caches_nothing(tmp_path, ray_clus
     assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
-def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path):
+def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path, monkeypatch):
     """The whole run (ingest, DVC, probe training logged to MLflow, audit) with engine local and ray:
-    the features differ in their last bits at most, and the scorecard not at all."""
+    the features differ in their last bits at most, and the scorecard not at all. With ray, the run's
+    jobs (each delivery's ingestion, the training, the scoring) share one local Ray, stopped at the end."""
     import mlflow
     import pandas as pd
+    import ray
 
     from conftest import make_home
     from pipelines.cli import main
 
+    started = []  # every Ray this process starts or joins (a spy: Ray itself runs as ever)
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append(kwargs.get("address")) or
+                        real_init(*args, **kwargs))
     cards = {}
     for engine in ("local", "ray"):
         home = make_home(tmp_path / engine, {"a": 0.0, "b": 0.2}, per_vendor=60, backbone="efficientnet_lite0",
                          weights="auto", training="probe", engine=engine)
+        assert len(list((home / "landing").glob("*/*/_READY"))) >= 2  # several ingestion jobs
         assert main(["run", "--home", str(home)]) == 0
+        assert started == ([] if engine == "local" else ["local"]) and not ray.is_initialized()
         cards[engine] = pd.read_csv(home / "reports" / "scorecard.csv")
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
