@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-
-from bench.accuracy import SCENARIOS, BenchConfig, _model_outputs
 from sklearn.isotonic import IsotonicRegression
 
+from bench.accuracy import SCENARIOS, BenchConfig, _model_outputs
 from ml.check_sampling import UNIFORM_SHARE, checked_error_rates, draw_plan, inclusion_probabilities
 from ml.datasets import load_dataset
 from ml.estimate import fit_noise_model, vendor_error_rates, wilson_interval
@@ -158,7 +157,8 @@ def format_checks_table(summaries: list[dict]) -> str:
     (:func:`calibrated_on_truth`) and uniform checks with Wilson intervals; then per vendor the mean
     estimate and the checks it needs for +-2 points."""
     lines = ["| scenario | checks per vendor | 95% coverage (worst vendor) | mean width, points | MAE, points | "
-             "MAE with the control calibrated on the truth (oracle) | uniform + Wilson: coverage, width, MAE | useless model: width / uniform width | 0% vendor reaches 0 | "
+             "MAE with the control calibrated on the truth (oracle) | uniform + Wilson: coverage, width, MAE | "
+             "useless model: width / uniform width | 0% vendor reaches 0 | "
              "model only: MAE, and re-corrected by the other vendors' checks |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
@@ -174,8 +174,8 @@ def format_checks_table(summaries: list[dict]) -> str:
     lines += ["", "Per vendor: the combined estimate's mean over seeds and draws at each budget, and the checks for a "
               "95% half-width of at most 2 points (planner searched over " + ", ".join(map(str, SEARCH)) +
               "; uniform: Wilson at the true rate):", "",
-              "| scenario | vendor (true %) | mean estimate, % (checks per vendor) | checks for +-2 points: planner + model "
-              "| uniform + Wilson |", "|---|---|---|---|---|"]
+              "| scenario | vendor (true %) | mean estimate, % (checks per vendor) | "
+              "checks for +-2 points: planner + model | uniform + Wilson |", "|---|---|---|---|---|"]
     for s in summaries:
         for v, name in enumerate(s["vendors"]):
             planner = s["needed"][v] if s["needed"][v] is not None else f"> {SEARCH[-1]}"

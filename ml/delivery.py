@@ -32,7 +32,6 @@ from ml.files import atomic_write_bytes, atomic_write_csv, file_sha256
 from ml.image_stack import ImageStack
 from ml.images import ImageError, ImageLimits, decode_image, image_limits, probe_image
 
-
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 READY_MARKER = "_READY"

@@ -11,7 +11,8 @@ LOCAL, RAY = "local", "ray"
 @dataclass(frozen=True)
 class Engine:
     """Where images are decoded and backbone features computed: ``local`` (this process) or ``ray`` (a Ray
-    cluster at ``ray_address``: ``auto`` or ``ray://host:port``; empty: a local Ray started for the call)."""
+    cluster at ``ray_address``: ``auto`` or ``ray://host:port``; empty: a local Ray started for the call, or
+    for a whole audit: :func:`ml.ray_features.held_ray`)."""
 
     name: str = LOCAL
     ray_address: str = ""

@@ -28,6 +28,8 @@ from ml.files import atomic_write_bytes, atomic_write_text
 from ml.image_stack import read_rows
 
 log = logging.getLogger(__name__)
+
+
 @dataclass
 class FeatureStats:
     """What one :func:`extract_features` call did: images computed and read from the cache, seconds

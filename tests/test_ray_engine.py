@@ -215,28 +215,20 @@ def test_a_failed_extraction_on_ray_raises_and_caches_nothing(tmp_path, ray_clus
     assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
-def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path, monkeypatch):
+def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path):
     """The whole run (ingest, DVC, probe training logged to MLflow, audit) with engine local and ray:
-    the features differ in their last bits at most, and the scorecard not at all. With ray, the run's
-    jobs (each delivery's ingestion, the training, the scoring) share one local Ray, stopped at the end."""
+    the features differ in their last bits at most, and the scorecard not at all."""
     import mlflow
     import pandas as pd
-    import ray
 
     from conftest import make_home
     from pipelines.cli import main
 
-    started = []  # every Ray this process starts or joins (a spy: Ray itself runs as ever)
-    real_init = ray.init
-    monkeypatch.setattr(ray, "init", lambda *args, **kwargs: started.append(kwargs.get("address")) or
-                        real_init(*args, **kwargs))
     cards = {}
     for engine in ("local", "ray"):
         home = make_home(tmp_path / engine, {"a": 0.0, "b": 0.2}, per_vendor=60, backbone="efficientnet_lite0",
                          weights="auto", training="probe", engine=engine)
-        assert len(list((home / "landing").glob("*/*/_READY"))) >= 2  # several ingestion jobs
         assert main(["run", "--home", str(home)]) == 0
-        assert started == ([] if engine == "local" else ["local"]) and not ray.is_initialized()
         cards[engine] = pd.read_csv(home / "reports" / "scorecard.csv")
         client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -244,6 +236,29 @@ def test_a_home_audited_with_either_engine_gives_the_same_scorecard(tmp_path, mo
         assert engines == {"cpu" if engine == "local" else "ray (local)"}
     assert list(cards["ray"]["vendor"]) == ["a", "b"]
     pd.testing.assert_frame_equal(cards["ray"], cards["local"])
+
+
+def test_a_run_on_engine_ray_starts_one_local_ray_for_all_its_jobs(tmp_path):
+    """In a process of its own (no Ray up): a run ingests two deliveries, trains and scores, each job
+    on Ray, and starts one local Ray for all of them, stopped at the end (each started its own before)."""
+    import subprocess
+    import sys
+
+    from conftest import make_home
+
+    home = make_home(tmp_path / "home", {"a": 0.0, "b": 0.2}, per_vendor=30, backbone="efficientnet_lite0",
+                     weights="auto", training="probe", engine="ray")
+    assert len(list((home / "landing").glob("*/*/_READY"))) == 2
+    code = ("import ray, sys\n"
+            "from pipelines.audit_run import audit\n"
+            "started, real_init = [], ray.init\n"  # a spy: Ray itself starts as ever
+            "ray.init = lambda *args, **kwargs: started.append(kwargs.get('address')) or real_init(*args, **kwargs)\n"
+            f"done = audit(__import__('pathlib').Path({str(home)!r}))\n"
+            "print('started', started, 'up after', ray.is_initialized(), 'vendors', list(done.scorecard['vendor']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "started ['local'] up after False vendors ['a', 'b']" in done.stdout
 
 
 def _png_delivery(folder: Path, n_photos: int = 600):
