@@ -249,7 +249,7 @@ def test_a_run_on_engine_ray_starts_one_local_ray_for_all_its_jobs(tmp_path):
     home = make_home(tmp_path / "home", {"a": 0.0, "b": 0.2}, per_vendor=30, backbone="efficientnet_lite0",
                      weights="auto", training="probe", engine="ray")
     assert len(list((home / "landing").glob("*/*/_READY"))) == 2
-    code = ("import ray, sys\n"
+    code = ("import ray\n"
             "from pipelines.audit_run import audit\n"
             "started, real_init = [], ray.init\n"  # a spy: Ray itself starts as ever
             "ray.init = lambda *args, **kwargs: started.append(kwargs.get('address')) or real_init(*args, **kwargs)\n"
