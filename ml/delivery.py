@@ -328,7 +328,7 @@ def ingest_delivery(
     channels: int,
     limits: ImageLimits | None = None,
     stamp: ReadStamp | None = None,
-    engine: Engine | None = None,
+    engine: Engine = Engine(),
 ) -> IngestResult:
     """Validate every row of a delivery and decode its accepted images.
 
@@ -341,7 +341,7 @@ def ingest_delivery(
     The rows are checked in this process, in row order, in two passes around the decoding: first
     what each row says (path, label, a repeated row, a path leaving the folder), then what its file
     gave (a refused image, content seen at an earlier row). Only the decoding (:func:`decode_files`)
-    runs on ``engine`` (None: local): here, or as a Ray Data pipeline (:mod:`ml.ray_ingest`, on the
+    runs on ``engine`` (default local): here, or as a Ray Data pipeline (:mod:`ml.ray_ingest`, on the
     Ray :func:`ml.ray_features.ray_session` gives for ``engine.ray_address``), so the result is the
     same whichever engine decodes.
 
@@ -408,10 +408,10 @@ def ingest_delivery(
 
 
 def _decode(delivery: Delivery, paths: list[Path], image_size: int, channels: int, limits: ImageLimits,
-            engine: Engine | None) -> DecodedFiles:
+            engine: Engine) -> DecodedFiles:
     """:func:`decode_files` of ``paths`` on ``engine``, logging the progress every PROGRESS_EVERY images."""
     decoded = DecodedFiles.allocate(len(paths), image_size, channels)
-    on_ray = engine is not None and engine.on_ray
+    on_ray = engine.on_ray
     where = f"on Ray ({engine.ray_address or 'local'})" if on_ray else "here"
 
     def follow(progress: Iterator[int]) -> None:

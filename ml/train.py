@@ -663,12 +663,13 @@ class ProbeEnsemble(nn.Module):
     (:class:`ml.engine.Engine`, default local): where the features of images scored later are computed.
     """
 
-    def __init__(self, backbone, heads: list[FeatureHead], feature_cache: Path | None = None, engine=None):
+    def __init__(self, backbone, heads: list[FeatureHead], feature_cache: Path | None = None,
+                 engine: Engine = Engine()):
         super().__init__()
         self.backbone = backbone
         self.members = nn.ModuleList(heads)
         self.feature_cache = feature_cache
-        self.engine = engine or Engine()
+        self.engine = engine
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.backbone(self.backbone.prepare(images))
@@ -901,7 +902,7 @@ def ensemble_payload(ensemble: nn.Module, classes: tuple[str, ...], head: str) -
 
 
 def ensemble_from_payload(payload: dict, n_classes: int, feature_cache: Path | None = None,
-                          engine=None) -> nn.Module:
+                          engine: Engine = Engine()) -> nn.Module:
     """The ensemble :func:`ensemble_payload` described (payloads without ``kind`` are small-CNN ones);
     ``engine`` (:class:`ml.engine.Engine`): where a probe ensemble computes features."""
     from ml.backbones import NO_WEIGHTS, load_backbone

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ml.engine import Engine
 from ml.files import atomic_write_bytes
 from ml.train import FoldEnsemble, ensemble_from_payload, ensemble_payload, member_for_content, score_out_of_sample
 
@@ -79,7 +80,7 @@ def save_ensemble(models_dir: Path, dataset_version: str, head: str, ensemble: F
 
 
 def load_ensemble(models_dir: Path, dataset_version: str, head: str, classes: tuple[str, ...],
-                  feature_cache: Path | None = None, engine=None) -> torch.nn.Module:
+                  feature_cache: Path | None = None, engine: Engine = Engine()) -> torch.nn.Module:
     """Load an ensemble with ``weights_only=True``; a clear error if it is missing, broken or was
     trained on another class list. ``feature_cache``: where a probe ensemble reads and adds its
     backbone's features (the training's cache); ``engine`` (:class:`ml.engine.Engine`): where it
