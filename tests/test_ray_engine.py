@@ -295,14 +295,14 @@ def _png_delivery(folder: Path, n_photos: int = 600):
 
 
 def test_a_delivery_decoded_on_ray_gives_the_local_rows_images_and_quarantine(tmp_path, ray_cluster):
+    import pandas as pd
+
     from ml.delivery import DECODE_BATCH, ingest_delivery
 
     delivery = _png_delivery(tmp_path / "landing" / "v" / "b")
     local = ingest_delivery(delivery, ("cat", "dog"), 32, 3)
     on_ray = ingest_delivery(delivery, ("cat", "dog"), 32, 3, engine=Engine("ray"))
     assert local.n_delivered == 607 > 2 * DECODE_BATCH  # the Ray batches come back in any order
-    import pandas as pd
-
     pd.testing.assert_frame_equal(on_ray.accepted, local.accepted)
     pd.testing.assert_frame_equal(on_ray.quarantine, local.quarantine)
     assert on_ray.images.dtype == local.images.dtype == np.uint8
